@@ -1,0 +1,8 @@
+"""llmkd: knowledge distillation for large language and vision-language models on the Hugging Face stack."""
+
+__version__ = "0.1.0"
+
+from .config import DistillConfig  # noqa: E402
+from .trainers import DistillTrainer  # noqa: E402
+
+__all__ = ["DistillConfig", "DistillTrainer", "__version__"]

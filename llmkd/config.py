@@ -1,0 +1,111 @@
+"""Configuration of distillation runs: :class:`DistillConfig` (a ``transformers.TrainingArguments``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+@dataclass
+class DistillConfig(TrainingArguments):
+    r"""Configuration for :class:`~llmkd.DistillTrainer`: token-level distillation with any divergence of
+    ALGORITHMS.md section 0, mixed with the hard-label cross-entropy.
+
+    Every ``transformers.TrainingArguments`` field works. Defaults that differ from TrainingArguments:
+    ``remove_unused_columns=False`` (the collator keeps image fields), ``logging_steps=10``, ``report_to="none"``,
+    ``save_only_model=False``.
+
+    Parameters that name the models:
+        model_name_or_path: the student, when the trainer is not given a model object.
+        model_revision / student_dtype: revision and dtype of the student (``float32`` default).
+        trust_remote_code: allow custom model code for the student, teacher, tokenizer and processor (False).
+
+    Parameters that control the teacher:
+        teacher_model_name_or_path: the teacher, when the trainer is not given a model object.
+        teacher_revision: revision of the teacher.
+        teacher_dtype: ``float32`` (default: full precision), ``bfloat16``, ``float16`` or ``auto``.
+        teacher_load_in_4bit / teacher_load_in_8bit: load the teacher quantized with bitsandbytes
+            (4-bit uses ``teacher_bnb_4bit_quant_type``, default ``nf4``).
+
+    Parameters that control the loss:
+        divergence: ``fkl`` (forward KL, Hinton KD), ``rkl``, ``jsd``, ``skew_fkl``, ``skew_rkl`` or ``tvd``.
+        temperature: softens both distributions; the divergence is multiplied by ``T^2``.
+        jsd_beta: mixture weight of the generalized JSD (0 -> forward KL, 1 -> reverse KL).
+        skew_alpha: skew coefficient of the skew KLs (DistiLLM, 0.1).
+        kd_ratio: loss = ``(1 - kd_ratio) * CE + kd_ratio * divergence``, both token means over the global batch.
+        use_chunked_loss: compute the loss with the chunked engine (never materialises token x vocab logits).
+            False uses the models' own full logits (the dense reference path).
+        loss_chunk_size: tokens per chunk in the chunked engine.
+        verify_logit_head: check once before training that the chunked path reproduces each model's logits
+            (including its logit post-processing) and refuse the model if not.
+
+    Parameters that control the data:
+        dataset_name: a local file (json/jsonl/csv/parquet), a folder saved with ``save_to_disk``, or a Hub dataset.
+        dataset_config / dataset_train_split / dataset_eval_split: how to pick the splits.
+        max_length: sequences are truncated to their first ``max_length`` tokens.
+        completion_only_loss: when the data has a prompt/completion split (or chat turns), train and distil on
+            the completion (assistant) tokens only; False uses every token.
+        dataset_num_proc: processes for tokenisation.
+
+    Parameters that control LoRA (when no ``peft_config`` is passed to the trainer):
+        use_peft, lora_r, lora_alpha, lora_dropout, lora_target_modules.
+    """
+
+    # models
+    model_name_or_path: str | None = field(default=None, metadata={"help": "The student model (name or path)."})
+    model_revision: str | None = field(default=None, metadata={"help": "Revision of the student."})
+    student_dtype: str = field(default="float32", metadata={"help": f"Student dtype, one of {DTYPES}."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code (off by default)."})
+    # teacher
+    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "The teacher (name or path)."})
+    teacher_revision: str | None = field(default=None, metadata={"help": "Revision of the teacher."})
+    teacher_dtype: str = field(default="float32", metadata={"help": f"Teacher dtype, one of {DTYPES}."})
+    teacher_load_in_4bit: bool = field(default=False, metadata={"help": "Load the teacher in 4 bits (bitsandbytes)."})
+    teacher_load_in_8bit: bool = field(default=False, metadata={"help": "Load the teacher in 8 bits (bitsandbytes)."})
+    teacher_bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit quantization type (nf4/fp4)."})
+    # loss
+    divergence: str = field(default="fkl", metadata={"help": "fkl, rkl, jsd, skew_fkl, skew_rkl or tvd."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature (loss scaled by T^2)."})
+    jsd_beta: float = field(default=0.5, metadata={"help": "Generalized JSD mixture weight."})
+    skew_alpha: float = field(default=0.1, metadata={"help": "Skew KL coefficient."})
+    kd_ratio: float = field(default=0.5, metadata={"help": "Weight of the divergence; CE gets 1 - kd_ratio."})
+    use_chunked_loss: bool = field(default=True, metadata={"help": "Use the chunked engine (default)."})
+    loss_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk in the chunked engine."})
+    verify_logit_head: bool = field(default=True, metadata={"help": "Verify the chunked path reproduces logits."})
+    # data
+    dataset_name: str | None = field(default=None, metadata={"help": "Dataset: local file/folder or Hub name."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
+    dataset_eval_split: str | None = field(default=None, metadata={"help": "Evaluation split (optional)."})
+    max_length: int | None = field(default=1024, metadata={"help": "Truncate sequences to this many tokens."})
+    completion_only_loss: bool = field(default=True, metadata={"help": "Train on completion tokens only."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+    # LoRA
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of the full student."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules to adapt (default: all linear layers but the head)."}
+    )
+    # TrainingArguments defaults changed for distillation
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all columns for the collator."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    report_to: str | list[str] | None = field(default="none", metadata={"help": "Integrations to report to."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("student_dtype", "teacher_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {DTYPES}.")
+        if not 0.0 <= self.kd_ratio <= 1.0:
+            raise ValueError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}.")
+        if self.teacher_load_in_4bit and self.teacher_load_in_8bit:
+            raise ValueError("Choose one of teacher_load_in_4bit and teacher_load_in_8bit, not both.")

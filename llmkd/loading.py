@@ -1,0 +1,97 @@
+"""Loading students, teachers and their tokenizers/processors from names or paths, with safe defaults.
+
+Defaults (DESIGN.md conventions): safetensors only, ``trust_remote_code=False`` unless the recipe sets it, and a
+failure to load names the role (student/teacher), what was asked for, and what to check.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+class ModelLoadError(RuntimeError):
+    """A student or teacher could not be loaded."""
+
+
+def resolve_dtype(name: str):
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(_DTYPES)}.") from None
+
+
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, quant_type: str = "nf4", compute_dtype=torch.float32):
+    """A ``BitsAndBytesConfig`` for a quantized teacher, or None. The output head stays unquantized (the
+    bitsandbytes default), so the chunked engine reads it as an ordinary matrix."""
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    if load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def is_vision_language_config(config) -> bool:
+    return getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    role: str,
+    dtype: str = "float32",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    quantization: BitsAndBytesConfig | None = None,
+    device_map=None,
+) -> PreTrainedModel:
+    """Load a causal LM (or a LLaVA-style vision-language model) for the given role ("student" or "teacher")."""
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, dtype=resolve_dtype(dtype),
+                  use_safetensors=True)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = device_map or ("cuda" if torch.cuda.is_available() else "cpu")
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        model_class = AutoModelForImageTextToText if is_vision_language_config(config) else AutoModelForCausalLM
+        return model_class.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise ModelLoadError(
+            f"Could not load the {role} model {name_or_path!r}: {error}\n"
+            f"Check that the path exists (or the Hub name is right and reachable), that it holds safetensors "
+            f"weights (pickle .bin files are refused), and that trust_remote_code is set if it needs custom code."
+        ) from error
+
+
+def load_processing_class(name_or_path: str, *, role: str, revision: str | None = None,
+                          trust_remote_code: bool = False):
+    """The tokenizer of a text model, or the processor of a vision-language model."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        if is_vision_language_config(config):
+            return AutoProcessor.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"Could not load the {role} tokenizer/processor from {name_or_path!r}: {error}\n"
+            "Pass processing_class=... to the trainer, or save the tokenizer next to the model."
+        ) from error
+
+
+def tokenizer_of(processing_class):
+    """The tokenizer inside a processor (or the tokenizer itself)."""
+    return getattr(processing_class, "tokenizer", processing_class)

@@ -1,0 +1,40 @@
+"""Distillation losses: pure functions of tensors (no Trainer, no model).
+
+Dense divergences on logits (ALGORITHMS.md section 0), their per-token kernels, the registry that turns a name
+into a token loss, and the chunked engine that runs any token loss from hidden states and output heads.
+"""
+
+from .chunked import (
+    DistillationLossOutput,
+    LogitTransform,
+    chunked_distillation_loss,
+    dense_distillation_loss,
+)
+from .divergences import (
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    softened_log_probs,
+    tvd,
+)
+from .reduction import reduce_token_losses
+from .registry import Divergence, get_divergence
+
+__all__ = [
+    "Divergence",
+    "DistillationLossOutput",
+    "LogitTransform",
+    "chunked_distillation_loss",
+    "dense_distillation_loss",
+    "forward_kl",
+    "generalized_jsd",
+    "get_divergence",
+    "reduce_token_losses",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "softened_log_probs",
+    "tvd",
+]

@@ -1,0 +1,273 @@
+"""The chunked distillation engine: a token-level loss from final hidden states and output heads, chunk by chunk.
+
+For the N valid tokens of a micro-batch it computes
+
+    loss = (kd_weight * sum_n token_loss(z_s[n], z_t[n]) + ce_weight * sum_n CE(z_s[n], y[n])) / normalizer
+
+where ``z_s = post(h_s W_s^T + b_s)`` and ``z_t = post(h_t W_t^T + b_t)`` are the student's and teacher's logits
+(``post`` is the model's own logit post-processing, see :class:`LogitTransform`). The (N x V) logits of neither
+model ever exist whole: each chunk of ``chunk_size`` tokens is projected, its loss and its gradients with
+respect to the chunk's hidden states and the student head are computed at once (as Liger-Kernel's fused linear
+losses do), and the chunk's logits are freed before the next chunk. Backward only rescales the stored gradients.
+
+:func:`dense_distillation_loss` computes the same quantity with full logits and ordinary autograd; the tests
+hold the two equal in value and gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+TokenLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """A model's post-processing of its head output: ``z = cap * tanh(scale * x / cap)`` (no tanh if cap is None).
+
+    ``scale`` covers Cohere's ``logit_scale`` (multiply) and Granite's ``logits_scaling`` (divide, scale = 1/s);
+    ``softcap`` covers Gemma 2/3's ``final_logit_softcapping``.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+IDENTITY = LogitTransform()
+
+
+@dataclass
+class DistillationLossOutput:
+    """What the engine returns.
+
+    ``loss``: scalar with gradient, already divided by the normalizer. The ``*_sum`` fields are detached float32
+    scalars summed over the N tokens (divide by the token count to log means): ``kd_sum`` the token loss,
+    ``ce_sum`` the student's cross-entropy, ``teacher_ce_sum`` the teacher's cross-entropy on the same labels.
+    """
+
+    loss: torch.Tensor
+    kd_sum: torch.Tensor
+    ce_sum: torch.Tensor
+    teacher_ce_sum: torch.Tensor
+    num_tokens: int
+
+
+def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform,
+            vocab_size: int) -> torch.Tensor:
+    """Logits of one chunk in float32: ``transform(hidden @ weight[:vocab_size].T + bias[:vocab_size])``.
+
+    hidden ``(n, H)``, weight ``(V_model, H)`` -> ``(n, vocab_size)``.
+    """
+    logits = F.linear(hidden, weight[:vocab_size], None if bias is None else bias[:vocab_size])
+    return transform(logits.float())
+
+
+def _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, ce_weight):
+    """Per-chunk sums: (weighted total, kd sum, ce sum); logits are float32 ``(n, V)``, labels ``(n,)``."""
+    kd_sum = token_loss(student_logits, teacher_logits).sum()
+    if labels is not None:
+        ce_sum = F.cross_entropy(student_logits, labels, reduction="sum", ignore_index=-100)
+    else:
+        ce_sum = student_logits.new_zeros(())
+    total = kd_weight * kd_sum
+    if ce_weight != 0.0:
+        total = total + ce_weight * ce_sum
+    return total, kd_sum, ce_sum
+
+
+def _teacher_ce(teacher_logits, labels):
+    if labels is None:
+        return teacher_logits.new_zeros(())
+    return F.cross_entropy(teacher_logits, labels, reduction="sum", ignore_index=-100)
+
+
+class _ChunkedDistillationFunction(torch.autograd.Function):
+    """Values and gradients of the engine's loss, computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                labels, spec):
+        token_loss, kd_weight, ce_weight, normalizer, chunk_size, s_post, t_post, vocab_size = spec
+        need_hidden_grad = student_hidden.requires_grad
+        need_weight_grad = student_weight.requires_grad
+        need_bias_grad = student_bias is not None and student_bias.requires_grad
+
+        grad_hidden = torch.zeros_like(student_hidden) if need_hidden_grad else None
+        grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if need_weight_grad else None
+        grad_bias = torch.zeros_like(student_bias, dtype=torch.float32) if need_bias_grad else None
+        weight_leaf = student_weight.detach().requires_grad_(need_weight_grad)
+        bias_leaf = None if student_bias is None else student_bias.detach().requires_grad_(need_bias_grad)
+
+        totals = torch.zeros(4, dtype=torch.float32, device=student_hidden.device)  # total, kd, ce, teacher ce
+        n_tokens = student_hidden.shape[0]
+        for start in range(0, n_tokens, chunk_size):
+            end = min(start + chunk_size, n_tokens)
+            chunk_labels = None if labels is None else labels[start:end]
+            with torch.no_grad():
+                teacher_logits = project(teacher_hidden[start:end], teacher_weight, teacher_bias, t_post, vocab_size)
+                totals[3] += _teacher_ce(teacher_logits, chunk_labels)
+            hidden_leaf = student_hidden[start:end].detach().requires_grad_(need_hidden_grad)
+            with torch.enable_grad():
+                student_logits = project(hidden_leaf, weight_leaf, bias_leaf, s_post, vocab_size)
+                total, kd_sum, ce_sum = _chunk_terms(
+                    student_logits, teacher_logits, chunk_labels, token_loss, kd_weight, ce_weight
+                )
+                inputs = [t for t, need in ((hidden_leaf, need_hidden_grad), (weight_leaf, need_weight_grad),
+                                            (bias_leaf, need_bias_grad)) if need]
+                grads = list(torch.autograd.grad(total, inputs)) if inputs else []
+            if need_hidden_grad:
+                grad_hidden[start:end] = grads.pop(0)
+            if need_weight_grad:
+                grad_weight += grads.pop(0)
+            if need_bias_grad:
+                grad_bias += grads.pop(0)
+            totals[0] += total.detach()
+            totals[1] += kd_sum.detach()
+            totals[2] += ce_sum.detach()
+            del student_logits, teacher_logits, total
+
+        ctx.save_for_backward(
+            *(t if t is not None else torch.empty(0) for t in (grad_hidden, grad_weight, grad_bias))
+        )
+        ctx.has = (need_hidden_grad, need_weight_grad, need_bias_grad)
+        ctx.dtypes = (student_weight.dtype, None if student_bias is None else student_bias.dtype)
+        ctx.normalizer = normalizer
+        loss = totals[0] / normalizer
+        metrics = totals[1:].clone()
+        ctx.mark_non_differentiable(metrics)
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.has
+        scale = grad_loss / ctx.normalizer
+        out_hidden = (grad_hidden * scale.to(grad_hidden.dtype)) if need_hidden else None
+        out_weight = (grad_weight * scale).to(ctx.dtypes[0]) if need_weight else None
+        out_bias = (grad_bias * scale).to(ctx.dtypes[1]) if need_bias else None
+        return out_hidden, out_weight, out_bias, None, None, None, None, None
+
+
+def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, vocab_size):
+    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
+        raise ValueError(
+            "the chunked engine takes the hidden states of the valid tokens only, shaped (N, hidden): got "
+            f"student {tuple(student_hidden.shape)} and teacher {tuple(teacher_hidden.shape)}."
+        )
+    if student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise ValueError(
+            f"student has {student_hidden.shape[0]} tokens but teacher has {teacher_hidden.shape[0]}: both must be "
+            "the same valid positions of the same batch."
+        )
+    if labels is not None and labels.shape != student_hidden.shape[:1]:
+        raise ValueError(f"labels must have shape (N,) = ({student_hidden.shape[0]},), got {tuple(labels.shape)}.")
+    if vocab_size > min(student_weight.shape[0], teacher_weight.shape[0]):
+        raise ValueError(
+            f"vocab_size={vocab_size} exceeds a head's output size (student {student_weight.shape[0]}, teacher "
+            f"{teacher_weight.shape[0]})."
+        )
+
+
+def chunked_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    token_loss: TokenLoss,
+    *,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    normalizer: float | torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_transform: LogitTransform = IDENTITY,
+    teacher_transform: LogitTransform = IDENTITY,
+    vocab_size: int | None = None,
+) -> DistillationLossOutput:
+    """Distillation loss over N valid tokens without materialising (N x V) logits.
+
+    Args:
+        student_hidden: ``(N, H_s)`` final hidden states of the student at the valid positions (grad flows here).
+        student_weight: ``(V_s, H_s)`` the student's output head (grad flows here if it requires grad).
+        teacher_hidden: ``(N, H_t)`` the teacher's final hidden states at the same positions (no grad).
+        teacher_weight: ``(V_t, H_t)`` the teacher's output head.
+        labels: ``(N,)`` next-token ids (for CE and the teacher-CE metric) or None.
+        token_loss: ``(student_logits (n, V), teacher_logits (n, V)) -> (n,)`` float32, e.g. a
+            :class:`~llmkd.losses.registry.Divergence`.
+        kd_weight / ce_weight: weights of the token loss and the student's CE.
+        normalizer: the divisor (the global valid-token count of the step); defaults to N.
+        chunk_size: tokens per chunk; peak extra memory is about ``chunk_size * V * 4 bytes * 4``.
+        vocab_size: the aligned vocabulary (both heads are cut to their first ``vocab_size`` rows); defaults to
+            ``min(V_s, V_t)``.
+    Returns:
+        :class:`DistillationLossOutput`.
+    """
+    if vocab_size is None:
+        vocab_size = min(student_weight.shape[0], teacher_weight.shape[0])
+    _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, vocab_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    n_tokens = student_hidden.shape[0]
+    if normalizer is None:
+        normalizer = max(n_tokens, 1)
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(student_hidden.device, torch.float32).clamp_min(1)
+    spec = (token_loss, float(kd_weight), float(ce_weight), normalizer, int(chunk_size), student_transform,
+            teacher_transform, int(vocab_size))
+    loss, metrics = _ChunkedDistillationFunction.apply(
+        student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(), labels, spec,
+    )
+    return DistillationLossOutput(loss, metrics[0], metrics[1], metrics[2], n_tokens)
+
+
+def dense_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    token_loss: TokenLoss,
+    *,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    normalizer: float | torch.Tensor | None = None,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    student_transform: LogitTransform = IDENTITY,
+    teacher_transform: LogitTransform = IDENTITY,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,  # accepted for a uniform call signature; unused
+) -> DistillationLossOutput:
+    """The same loss as :func:`chunked_distillation_loss` with full (N x V) logits and ordinary autograd."""
+    if vocab_size is None:
+        vocab_size = min(student_weight.shape[0], teacher_weight.shape[0])
+    _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, vocab_size)
+    n_tokens = student_hidden.shape[0]
+    if normalizer is None:
+        normalizer = max(n_tokens, 1)
+    student_logits = project(student_hidden, student_weight, student_bias, student_transform, vocab_size)
+    with torch.no_grad():
+        teacher_logits = project(teacher_hidden, teacher_weight, teacher_bias, teacher_transform, vocab_size)
+        teacher_ce = _teacher_ce(teacher_logits, labels)
+    total, kd_sum, ce_sum = _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, ce_weight)
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(total.device, torch.float32).clamp_min(1)
+    return DistillationLossOutput(total / normalizer, kd_sum.detach(), ce_sum.detach(), teacher_ce.detach(), n_tokens)

@@ -1,0 +1,209 @@
+"""Token-level divergences between a student and a teacher distribution (ALGORITHMS.md section 0).
+
+Notation: ``z_s`` / ``z_t`` are the student / teacher logits of one position, ``q = softmax(z_s / T)`` and
+``p = softmax(z_t / T)``. Every function here:
+
+* takes logits of shape ``(..., V)`` in any dtype and does its math in float32;
+* takes an optional boolean ``mask`` of shape ``(...)`` (True = the position counts);
+* softens both sides by ``temperature`` and multiplies the divergence by ``T^2`` (Hinton et al., 2015), so that
+  gradient magnitudes do not shrink as T grows; this is applied to every divergence, TVD included;
+* treats ``-inf`` logits (masked vocabulary entries) as zero-probability tokens: terms with zero weight are
+  exactly zero, never NaN;
+* reduces with ``reduction``: ``"mean"`` (sum over valid positions / their count, or / ``num_items_in_batch``
+  when it is given, which is how a trainer gets gradient-accumulation and data-parallel invariance), ``"sum"``,
+  or ``"none"`` (a tensor of shape ``(...)`` with zeros at masked positions).
+
+The ``*_per_token`` functions are the kernels shared with the chunked engine: they take float32 log-probability
+rows ``(N, V)`` and return ``(N,)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .reduction import reduce_token_losses
+
+__all__ = [
+    "forward_kl",
+    "reverse_kl",
+    "generalized_jsd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "tvd",
+    "kl_per_token",
+    "forward_kl_per_token",
+    "reverse_kl_per_token",
+    "jsd_per_token",
+    "skew_forward_kl_per_token",
+    "skew_reverse_kl_per_token",
+    "tvd_per_token",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-token kernels on float32 log-probabilities: (N, V), (N, V) -> (N,)
+# --------------------------------------------------------------------------------------------------------------
+def kl_per_token(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) = sum_v a_v (log a_v - log b_v) per row.
+
+    Args:
+        log_a: ``(N, V)`` log-probabilities of the first distribution (may hold ``-inf``).
+        log_b: ``(N, V)`` log-probabilities of the second distribution.
+    Returns:
+        ``(N,)`` float32. Entries where ``a_v = 0`` contribute exactly 0 (and a zero gradient).
+    """
+    a = log_a.exp()
+    # torch.where on a difference (not on a log) keeps the backward free of 0 * inf.
+    diff = torch.where(a > 0, log_a - log_b, torch.zeros((), dtype=log_a.dtype, device=log_a.device))
+    return (a * diff).sum(-1)
+
+
+def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(weight_a * a + (1 - weight_a) * b), computed stably; weight_a strictly inside (0, 1)."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def forward_kl_per_token(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """KL(p || q): teacher ``p`` weights the student's log-ratio (mode covering)."""
+    return kl_per_token(log_p, log_q)
+
+
+def reverse_kl_per_token(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """KL(q || p): the student weights the log-ratio (mode seeking)."""
+    return kl_per_token(log_q, log_p)
+
+
+def jsd_per_token(log_q: torch.Tensor, log_p: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Generalized JSD of GKD (Agarwal et al., 2024): ``beta KL(p||m) + (1-beta) KL(q||m)``, ``m = beta p + (1-beta) q``.
+
+    The end points return the limits GKD and TRL use: ``beta = 0`` gives forward KL(p || q), ``beta = 1`` gives
+    reverse KL(q || p) (the mixture formula itself vanishes there; its rescaled limit is the KL).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"generalized_jsd needs 0 <= beta <= 1, got beta={beta}.")
+    if beta == 0.0:
+        return kl_per_token(log_p, log_q)
+    if beta == 1.0:
+        return kl_per_token(log_q, log_p)
+    log_m = _log_mixture(log_p, log_q, beta)
+    return beta * kl_per_token(log_p, log_m) + (1.0 - beta) * kl_per_token(log_q, log_m)
+
+
+def skew_forward_kl_per_token(log_q: torch.Tensor, log_p: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    """DistiLLM skew forward KL: KL(p || alpha p + (1 - alpha) q)."""
+    _check_alpha(alpha)
+    if alpha == 0.0:
+        return kl_per_token(log_p, log_q)
+    return kl_per_token(log_p, _log_mixture(log_p, log_q, alpha))
+
+
+def skew_reverse_kl_per_token(log_q: torch.Tensor, log_p: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    """DistiLLM skew reverse KL: KL(q || alpha q + (1 - alpha) p)."""
+    _check_alpha(alpha)
+    if alpha == 0.0:
+        return kl_per_token(log_q, log_p)
+    return kl_per_token(log_q, _log_mixture(log_q, log_p, alpha))
+
+
+def tvd_per_token(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """Total variation distance 0.5 * sum_v |p_v - q_v|."""
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(
+            f"skew KL needs a skew coefficient 0 <= alpha < 1 (alpha = 1 makes the divergence identically 0), "
+            f"got alpha={alpha}."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public functions on logits
+# --------------------------------------------------------------------------------------------------------------
+def softened_log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(logits / T)`` in float32; ``-inf`` entries stay ``-inf``."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _apply(
+    kernel,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None,
+    temperature: float,
+    reduction: str,
+    num_items_in_batch,
+    **kernel_kwargs,
+) -> torch.Tensor:
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} must "
+            "have the same shape; align the vocabularies first (llmkd.teacher.align_vocab_size)."
+        )
+    vocab = student_logits.shape[-1]
+    log_q = softened_log_probs(student_logits, temperature).reshape(-1, vocab)
+    log_p = softened_log_probs(teacher_logits, temperature).reshape(-1, vocab)
+    per_token = kernel(log_q, log_p, **kernel_kwargs) * (temperature**2)
+    per_token = per_token.reshape(student_logits.shape[:-1])
+    return reduce_token_losses(per_token, mask, reduction=reduction, num_items_in_batch=num_items_in_batch)
+
+
+def forward_kl(student_logits, teacher_logits, mask=None, *, temperature=1.0, reduction="mean", num_items_in_batch=None):
+    """Forward KL(p || q) (Hinton KD).
+
+    Args:
+        student_logits: ``(..., V)``.
+        teacher_logits: ``(..., V)``.
+        mask: ``(...)`` bool, True where the position counts; None = all count.
+    Returns:
+        A scalar for ``"mean"``/``"sum"``, ``(...)`` for ``"none"``.
+    """
+    return _apply(forward_kl_per_token, student_logits, teacher_logits, mask, temperature, reduction, num_items_in_batch)
+
+
+def reverse_kl(student_logits, teacher_logits, mask=None, *, temperature=1.0, reduction="mean", num_items_in_batch=None):
+    """Reverse KL(q || p). Shapes as :func:`forward_kl`."""
+    return _apply(reverse_kl_per_token, student_logits, teacher_logits, mask, temperature, reduction, num_items_in_batch)
+
+
+def generalized_jsd(
+    student_logits, teacher_logits, mask=None, *, beta=0.5, temperature=1.0, reduction="mean", num_items_in_batch=None
+):
+    """Generalized JSD with mixture ``m = beta p + (1 - beta) q`` (GKD convention; beta=0 -> forward KL,
+    beta=1 -> reverse KL). Shapes as :func:`forward_kl`."""
+    return _apply(
+        jsd_per_token, student_logits, teacher_logits, mask, temperature, reduction, num_items_in_batch, beta=beta
+    )
+
+
+def skew_forward_kl(
+    student_logits, teacher_logits, mask=None, *, alpha=0.1, temperature=1.0, reduction="mean", num_items_in_batch=None
+):
+    """DistiLLM skew forward KL: KL(p || alpha p + (1 - alpha) q), alpha = 0.1. Shapes as :func:`forward_kl`."""
+    return _apply(
+        skew_forward_kl_per_token, student_logits, teacher_logits, mask, temperature, reduction, num_items_in_batch,
+        alpha=alpha,
+    )
+
+
+def skew_reverse_kl(
+    student_logits, teacher_logits, mask=None, *, alpha=0.1, temperature=1.0, reduction="mean", num_items_in_batch=None
+):
+    """DistiLLM skew reverse KL: KL(q || alpha q + (1 - alpha) p), alpha = 0.1. Shapes as :func:`forward_kl`."""
+    return _apply(
+        skew_reverse_kl_per_token, student_logits, teacher_logits, mask, temperature, reduction, num_items_in_batch,
+        alpha=alpha,
+    )
+
+
+def tvd(student_logits, teacher_logits, mask=None, *, temperature=1.0, reduction="mean", num_items_in_batch=None):
+    """Total variation distance 0.5 * sum |p - q|. Shapes as :func:`forward_kl`."""
+    return _apply(tvd_per_token, student_logits, teacher_logits, mask, temperature, reduction, num_items_in_batch)

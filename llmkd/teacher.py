@@ -1,0 +1,120 @@
+"""The teacher: vocabulary alignment with the student, and preparation for the run (device, ZeRO, FSDP).
+
+Where the teacher lives (see ACCELERATE.md):
+* single process: moved to the training device, eval mode, no gradients;
+* DeepSpeed ZeRO-3: a ZeRO-3 inference engine, its parameters partitioned across ranks like the student's;
+* DeepSpeed ZeRO-1/2: a stage-0 engine, replicated on every rank (ZeRO-1/2 shard optimizer state, which a
+  frozen teacher does not have);
+* FSDP: wrapped with FSDP so its parameters are sharded;
+* quantized (bitsandbytes): kept where it was loaded (bitsandbytes models cannot be moved or sharded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from .heads import head_parameters, output_head, unwrap_model
+
+logger = logging.getLogger(__name__)
+
+
+class VocabularyMismatchError(ValueError):
+    """Student and teacher do not share a token-id space."""
+
+
+def _vocab(tokenizer) -> dict[str, int]:
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    return tokenizer.get_vocab()
+
+
+def aligned_vocab_size(student: nn.Module, teacher: nn.Module, student_tokenizer=None, teacher_tokenizer=None) -> int:
+    """The number of leading token ids both models score, after checking they share a tokenizer.
+
+    Models of one family often pad their embedding matrices differently (Qwen2.5-0.5B has 151936 rows, 7B has
+    152064, for the same 151665-token tokenizer): the divergence is then computed on the shared ids
+    ``[0, min(V_s, V_t))`` and the alignment is logged. Different tokenizers cannot be aligned id by id and are an
+    error.
+    """
+    if student_tokenizer is not None and teacher_tokenizer is not None:
+        student_vocab, teacher_vocab = _vocab(student_tokenizer), _vocab(teacher_tokenizer)
+        if student_vocab != teacher_vocab:
+            only_student = len(set(student_vocab.items()) - set(teacher_vocab.items()))
+            only_teacher = len(set(teacher_vocab.items()) - set(student_vocab.items()))
+            raise VocabularyMismatchError(
+                f"The student and teacher tokenizers differ ({len(student_vocab)} vs {len(teacher_vocab)} tokens; "
+                f"{only_student} token-id pairs only in the student's, {only_teacher} only in the teacher's). "
+                "Token-level distillation compares distributions over the same token ids, so both models must "
+                "use the same tokenizer: pick a teacher and student of the same model family (e.g. Qwen2.5-7B -> "
+                "Qwen2.5-0.5B), or distil from teacher-generated text with plain SFT."
+            )
+    student_rows = output_head(student).weight.shape[0] if not _is_partitioned(output_head(student).weight) else \
+        output_head(student).weight.ds_shape[0]
+    teacher_weight = output_head(teacher).weight
+    teacher_rows = teacher_weight.ds_shape[0] if _is_partitioned(teacher_weight) else teacher_weight.shape[0]
+    size = min(student_rows, teacher_rows)
+    tokenizer = student_tokenizer if student_tokenizer is not None else teacher_tokenizer
+    if tokenizer is not None:
+        tokenizer_size = len(getattr(tokenizer, "tokenizer", tokenizer))
+        if tokenizer_size > size:
+            raise VocabularyMismatchError(
+                f"The tokenizer has {tokenizer_size} tokens but the smaller output head scores only {size} "
+                f"(student {student_rows}, teacher {teacher_rows}); resize the model's embeddings "
+                "(model.resize_token_embeddings(len(tokenizer))) or use the tokenizer the models were trained with."
+            )
+    if student_rows != teacher_rows:
+        logger.info(
+            "Vocabulary sizes differ (student head %d rows, teacher head %d rows) with a shared tokenizer: "
+            "distilling over the %d shared token ids.", student_rows, teacher_rows, size,
+        )
+    return size
+
+
+def _is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return getattr(unwrap_model(model), "quantization_config", None) is not None or bool(
+        getattr(unwrap_model(model), "is_quantized", False)
+    )
+
+
+def prepare_teacher(teacher: nn.Module, accelerator, *, is_deepspeed: bool, is_fsdp: bool) -> nn.Module:
+    """Freeze the teacher and place it for the run (see the module docstring)."""
+    freeze(teacher)
+    if is_deepspeed:
+        from trl.models import prepare_deepspeed
+
+        return prepare_deepspeed(teacher, accelerator)
+    if is_fsdp:
+        from trl.models import prepare_fsdp
+
+        return prepare_fsdp(teacher, accelerator)
+    if is_quantized(teacher):
+        return teacher
+    return accelerator.prepare_model(teacher, evaluation_mode=True)
+
+
+@contextlib.contextmanager
+def gathered_head_parameters(model: nn.Module):
+    """Yield the output head's (weight ``(V, H)``, bias or None), gathered in full if ZeRO-3 partitioned them."""
+    weight, bias = head_parameters(model)
+    params = [p for p in (weight, bias) if p is not None]
+    if any(_is_partitioned(p) for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield weight, bias
+    else:
+        yield weight, bias

@@ -1,0 +1,339 @@
+"""DistillTrainer: token-level distillation of a causal LM (or a LLaVA-style VLM) from a frozen teacher.
+
+One step: the teacher's final hidden states at the valid positions (no logits), then the student's forward with
+its output head replaced by the chunked engine (:mod:`llmkd.heads`), which computes
+``(1 - kd_ratio) * CE + kd_ratio * divergence`` over the valid tokens, divided by the global valid-token count of
+the optimizer step (``num_items_in_batch``), so that gradient accumulation and data parallelism give the same
+gradient as one large batch.
+
+Method trainers (TAID, SinKD LM mode, MoE mimic) subclass this and override the small hooks
+:meth:`DistillTrainer.token_loss_fn`, :meth:`DistillTrainer.loss_weights` and :meth:`DistillTrainer.extra_loss`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, Trainer
+
+from ..config import DistillConfig
+from ..data import DistillDataCollator, prepare_dataset
+from ..data.sources import load_dataset_splits
+from ..heads import intercept_head, logit_transform_for, output_head, verify_head_reproduction
+from ..loading import load_causal_lm, load_processing_class, quantization_config, resolve_dtype, tokenizer_of
+from ..losses import chunked_distillation_loss, get_divergence
+from ..teacher import aligned_vocab_size, gathered_head_parameters, prepare_teacher
+
+logger = logging.getLogger(__name__)
+
+# Batch fields that describe images and must reach student and teacher unchanged.
+IMAGE_FIELDS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_attention_mask")
+
+
+class DistillTrainer(Trainer):
+    """Distil ``teacher_model`` into ``model`` with a divergence of ALGORITHMS.md section 0.
+
+    Args:
+        model: the student, a ``PreTrainedModel`` or a name/path (loaded with ``args.student_dtype``).
+        teacher_model: the teacher, a ``PreTrainedModel`` or a name/path (loaded frozen with ``args.teacher_dtype``
+            and, if asked, 4/8-bit quantization). Defaults to ``args.teacher_model_name_or_path``.
+        args: a :class:`~llmkd.DistillConfig` (or a subclass for the method trainers).
+        train_dataset / eval_dataset: datasets in a TRL layout ("messages", "prompt"/"completion", "text", or
+            pre-tokenized "input_ids"[/"labels"]); loaded from ``args.dataset_name`` when omitted.
+        processing_class: the student's tokenizer or processor (loaded from the student's path when omitted).
+        teacher_processing_class: the teacher's tokenizer, to check it equals the student's.
+        peft_config: a peft config; the student is then wrapped with ``get_peft_model`` (LoRA student).
+    """
+
+    _tag_names = ["llmkd", "distillation"]
+    config_class = DistillConfig
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str | None = None,
+        teacher_model: PreTrainedModel | str | None = None,
+        args: DistillConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        teacher_processing_class=None,
+        peft_config=None,
+        callbacks=None,
+        optimizers=(None, None),
+        **kwargs: Any,
+    ):
+        if args is None:
+            args = self.config_class(output_dir="llmkd_output")
+        if not isinstance(args, DistillConfig):
+            raise TypeError(f"args must be a DistillConfig (or a method's config), got {type(args).__name__}.")
+        model, processing_class = self._student(model, args, processing_class)
+        teacher_model, teacher_processing_class = self._teacher(teacher_model, args, teacher_processing_class)
+        tokenizer = tokenizer_of(processing_class)
+        self.vocab_size = aligned_vocab_size(model, teacher_model, tokenizer, teacher_processing_class)
+
+        if peft_config is None and args.use_peft:
+            peft_config = self._lora_config(args)
+        if peft_config is not None:
+            model = self._apply_peft(model, peft_config, args)
+
+        if train_dataset is None and eval_dataset is None and args.dataset_name:
+            train_dataset, eval_dataset = load_dataset_splits(args)
+        train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
+        eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
+        if data_collator is None:
+            data_collator = DistillDataCollator(pad_token_id=self._pad_token_id(tokenizer))
+
+        self.student_transform = logit_transform_for(model)
+        self.teacher_transform = logit_transform_for(teacher_model)
+        if args.use_chunked_loss and args.verify_logit_head:
+            self._verify_heads(model, teacher_model, train_dataset)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            **kwargs,
+        )
+        # Our loss is always divided by the step's global token count: let the Trainer count it and not rescale.
+        self.model_accepts_loss_kwargs = True
+        self.teacher = prepare_teacher(
+            teacher_model, self.accelerator, is_deepspeed=self.is_deepspeed_enabled, is_fsdp=self.is_fsdp_enabled
+        )
+        self.divergence = get_divergence(
+            args.divergence, temperature=args.temperature, beta=args.jsd_beta, alpha=args.skew_alpha
+        )
+        self._metric_sums = {True: defaultdict(float), False: defaultdict(float)}
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    @staticmethod
+    def _student(model, args: DistillConfig, processing_class):
+        model = model if model is not None else args.model_name_or_path
+        if model is None:
+            raise ValueError("No student: pass model=... or set model_name_or_path in the config/recipe.")
+        if isinstance(model, str):
+            if processing_class is None:
+                processing_class = load_processing_class(
+                    model, role="student", revision=args.model_revision, trust_remote_code=args.trust_remote_code
+                )
+            model = load_causal_lm(
+                model, role="student", dtype=args.student_dtype, revision=args.model_revision,
+                trust_remote_code=args.trust_remote_code,
+            )
+        if processing_class is None:
+            raise ValueError("The student was given as a model object: pass its tokenizer as processing_class=...")
+        return model, processing_class
+
+    @staticmethod
+    def _teacher(teacher, args: DistillConfig, teacher_processing_class):
+        teacher = teacher if teacher is not None else args.teacher_model_name_or_path
+        if teacher is None:
+            raise ValueError(
+                "No teacher: pass teacher_model=... or set teacher_model_name_or_path in the config/recipe."
+            )
+        if isinstance(teacher, str):
+            if teacher_processing_class is None:
+                teacher_processing_class = tokenizer_of(load_processing_class(
+                    teacher, role="teacher", revision=args.teacher_revision, trust_remote_code=args.trust_remote_code
+                ))
+            quant = quantization_config(
+                args.teacher_load_in_4bit, args.teacher_load_in_8bit, args.teacher_bnb_4bit_quant_type,
+                compute_dtype=resolve_dtype(args.teacher_dtype) if args.teacher_dtype != "auto" else torch.float32,
+            )
+            teacher = load_causal_lm(
+                teacher, role="teacher", dtype=args.teacher_dtype, revision=args.teacher_revision,
+                trust_remote_code=args.trust_remote_code, quantization=quant,
+            )
+        return teacher, teacher_processing_class
+
+    @staticmethod
+    def _lora_config(args: DistillConfig):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            target_modules=args.lora_target_modules or "all-linear", task_type="CAUSAL_LM",
+        )
+
+    @staticmethod
+    def _apply_peft(model, peft_config, args):
+        from peft import get_peft_model
+
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        return get_peft_model(model, peft_config)
+
+    @staticmethod
+    def _pad_token_id(tokenizer) -> int:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("The tokenizer has neither a pad token nor an eos token: set tokenizer.pad_token first.")
+        return pad
+
+    @staticmethod
+    def _prepare(dataset, tokenizer, args: DistillConfig, split: str):
+        if dataset is None:
+            return None
+        columns = getattr(dataset, "column_names", None) or (list(dataset[0].keys()) if len(dataset) else [])
+        return prepare_dataset(
+            dataset, tokenizer, max_length=args.max_length, completion_only_loss=args.completion_only_loss,
+            num_proc=args.dataset_num_proc, extra_columns=tuple(c for c in IMAGE_FIELDS if c in columns),
+        )
+
+    def _verify_heads(self, model, teacher, dataset) -> None:
+        """Check once, on a few real tokens, that the chunked path reproduces both models' logits."""
+        if dataset is not None and len(dataset) > 0:
+            ids = list(dataset[0]["input_ids"])[:8]
+        else:
+            ids = [0, 1, 2, 3]
+        for role, m in (("student", model), ("teacher", teacher)):
+            if any(hasattr(p, "ds_id") for p in m.parameters()):
+                continue  # already partitioned: cannot run a plain forward here
+            device = next(m.parameters()).device
+            try:
+                verify_head_reproduction(m, torch.tensor([ids], device=device))
+            except Exception as error:  # noqa: BLE001 - re-raised with the role
+                raise type(error)(f"[{role}] {error}") from error
+
+    # -------------------------------------------------------------------------------------- method hooks
+    def token_loss_fn(self):
+        """The token loss ``(student_logits (n, V), teacher_logits (n, V)) -> (n,)`` of this step."""
+        return self.divergence
+
+    def loss_weights(self) -> tuple[float, float]:
+        """(weight of the token loss, weight of the student's CE)."""
+        return self.args.kd_ratio, 1.0 - self.args.kd_ratio
+
+    def extra_loss(self, model, student_outputs, inputs) -> torch.Tensor | None:
+        """An extra loss added to the distillation loss (e.g. an MoE load-balancing loss). None by default."""
+        return None
+
+    # ------------------------------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs["use_cache"] = False
+        shift_labels = labels[:, 1:]
+        valid = shift_labels != -100  # (B, S-1)
+        target_ids = shift_labels[valid]  # (N,)
+        normalizer = num_items_in_batch if num_items_in_batch is not None else valid.sum()
+
+        teacher_hidden = self._teacher_hidden_states(model_inputs, valid)  # (N, H_t)
+        kd_weight, ce_weight = self.loss_weights()
+        token_loss = self.token_loss_fn()
+        record: dict[str, Any] = {}
+
+        if self.args.use_chunked_loss:
+            outputs, loss = self._chunked_student_loss(
+                model, model_inputs, valid, target_ids, teacher_hidden, token_loss, kd_weight, ce_weight,
+                normalizer, record,
+            )
+        else:
+            outputs, loss = self._dense_student_loss(
+                model, model_inputs, valid, target_ids, token_loss, kd_weight, ce_weight, normalizer, record
+            )
+        extra = self.extra_loss(model, outputs, inputs)
+        if extra is not None:
+            loss = loss + extra
+        self._accumulate_metrics(record, model.training)
+
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every rank's tokens, and DDP/DeepSpeed average gradients over ranks.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _teacher_hidden_states(self, model_inputs, valid) -> torch.Tensor:
+        with intercept_head(self.teacher, lambda hidden_states: hidden_states):
+            hidden = self.teacher(**model_inputs).logits  # (B, S, H_t): the head was replaced by identity
+        return hidden[:, :-1][valid]
+
+    def _chunked_student_loss(self, model, model_inputs, valid, target_ids, teacher_hidden, token_loss, kd_weight,
+                              ce_weight, normalizer, record):
+        head = output_head(model)
+
+        def distill_head(hidden_states: torch.Tensor) -> torch.Tensor:
+            student_hidden = hidden_states[:, :-1][valid]  # (N, H_s)
+            with gathered_head_parameters(self.teacher) as (teacher_weight, teacher_bias):
+                result = chunked_distillation_loss(
+                    student_hidden, head.weight, teacher_hidden, teacher_weight, target_ids, token_loss,
+                    kd_weight=kd_weight, ce_weight=ce_weight, normalizer=normalizer,
+                    chunk_size=self.args.loss_chunk_size, student_bias=getattr(head, "bias", None),
+                    teacher_bias=teacher_bias, student_transform=self.student_transform,
+                    teacher_transform=self.teacher_transform, vocab_size=self.vocab_size,
+                )
+            record["result"] = result
+            return result.loss
+
+        with intercept_head(model, distill_head):
+            outputs = model(**model_inputs)
+        loss = outputs.logits  # the loss, as returned through the head (so ZeRO-3's backward hooks fire)
+        result = record.pop("result")
+        if loss.numel() != 1 or not torch.equal(loss.detach().reshape(()), result.loss.detach()):
+            raise RuntimeError(
+                f"{type(model).__name__} changed the output of its head after the head ran; llmkd's chunked path "
+                "cannot reproduce that. Set use_chunked_loss=False."
+            )
+        record.update(kd=result.kd_sum, ce=result.ce_sum, teacher_ce=result.teacher_ce_sum,
+                      tokens=float(result.num_tokens))
+        return outputs, loss.reshape(())
+
+    def _dense_student_loss(self, model, model_inputs, valid, target_ids, token_loss, kd_weight, ce_weight,
+                            normalizer, record):
+        outputs = model(**model_inputs)
+        student_logits = outputs.logits[:, :-1][valid][:, : self.vocab_size].float()  # (N, V)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**model_inputs).logits[:, :-1][valid][:, : self.vocab_size].float()
+        kd = token_loss(student_logits, teacher_logits).sum()
+        ce = F.cross_entropy(student_logits, target_ids, reduction="sum")
+        if isinstance(normalizer, torch.Tensor):
+            normalizer = normalizer.to(kd.device, torch.float32).clamp_min(1)
+        loss = (kd_weight * kd + ce_weight * ce) / normalizer
+        with torch.no_grad():
+            teacher_ce = F.cross_entropy(teacher_logits, target_ids, reduction="sum")
+        record.update(kd=kd.detach(), ce=ce.detach(), teacher_ce=teacher_ce, tokens=float(target_ids.numel()))
+        return outputs, loss
+
+    # ---------------------------------------------------------------------------------------------- logging
+    def _accumulate_metrics(self, record, training: bool) -> None:
+        sums = self._metric_sums[training]
+        for key in ("kd", "ce", "teacher_ce"):
+            value = record[key]
+            sums[key] += float(value.item() if isinstance(value, torch.Tensor) else value)
+        sums["tokens"] += record["tokens"]
+
+    def _reduced_metrics(self, training: bool) -> dict[str, float]:
+        sums = self._metric_sums[training]
+        if not sums:
+            return {}
+        keys = ("kd", "ce", "teacher_ce", "tokens")
+        totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        totals = self.accelerator.reduce(totals, reduction="sum") if self.accelerator.num_processes > 1 else totals
+        sums.clear()
+        tokens = max(totals[3].item(), 1.0)
+        return {"kd_loss": totals[0].item() / tokens, "ce_loss": totals[1].item() / tokens,
+                "teacher_ce_loss": totals[2].item() / tokens}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        training = not any(key.startswith("eval_") for key in logs)
+        prefix = "" if training else "eval_"
+        logs = dict(logs)
+        for key, value in self._reduced_metrics(training).items():
+            logs[prefix + key] = round(value, 6)
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
