@@ -15,8 +15,7 @@ class DistillConfig(TrainingArguments):
     ALGORITHMS.md section 0, mixed with the hard-label cross-entropy.
 
     Every ``transformers.TrainingArguments`` field works. Defaults that differ from TrainingArguments:
-    ``remove_unused_columns=False`` (the collator keeps image fields), ``logging_steps=10``, ``report_to="none"``,
-    ``save_only_model=False``.
+    ``remove_unused_columns=False`` (the collator keeps image fields) and ``logging_steps=10``.
 
     Parameters that name the models:
         model_name_or_path: the student, when the trainer is not given a model object.
@@ -94,7 +93,6 @@ class DistillConfig(TrainingArguments):
     # TrainingArguments defaults changed for distillation
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all columns for the collator."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "Integrations to report to."})
 
     def __post_init__(self):
         super().__post_init__()

@@ -327,7 +327,7 @@ class DistillTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         training = not any(key.startswith("eval_") for key in logs)
         prefix = "" if training else "eval_"
-        logs = dict(logs)
+        # in place, so that Trainer.evaluate() returns the distillation metrics too
         for key, value in self._reduced_metrics(training).items():
             logs[prefix + key] = round(value, 6)
         super().log(logs, start_time)
