@@ -178,6 +178,27 @@ def run_single(
     return _run(command, _child_env(out, env, deepspeed=False), timeout, out, f"single-process run of {script}")
 
 
+_BUILD_SHM_OP = """
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if builder is not None:
+    builder.load()
+"""
+
+
+def build_deepspeed_cpu_comm_op(timeout: float = 600) -> float:
+    """Build (or load from the torch-extensions cache) DeepSpeed's CPU shared-memory comm op; return the seconds.
+
+    DeepSpeed builds this op with the machine's g++ the first time a process initialises ``deepspeed.comm`` on a
+    CPU (about two minutes on 2 cores; a second or two afterwards). Building it once here, before any timed
+    multi-process run, keeps each run's time to the run itself and stops two ranks from building it at once.
+    Raises :class:`LaunchError` (with the compiler's output) when it cannot be built.
+    """
+    out = Path(tempfile.mkdtemp(prefix="llmkd_dsop_"))
+    command = [sys.executable, "-c", _BUILD_SHM_OP]
+    return _run(command, _child_env(out, None, deepspeed=False), timeout, out, "DeepSpeed CPU comm op build").seconds
+
+
 def _child_main() -> None:
     """Entry point of each torchrun child: patch accelerate, then run the script given as argv[1] as __main__."""
     import runpy

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (utils.py
 from utils import make_tokenizer, tiny_llama  # noqa: E402
 
 from llmkd import DistillConfig, DistillTrainer  # noqa: E402
+from llmkd.heads import unwrap_model  # noqa: E402
 
 OUT = Path(os.environ.get("LLMKD_TEST_OUT", "."))
 WORDS = "the cat dog sat on mat red blue green one two three four five add sum is what".split()
@@ -80,7 +81,7 @@ def is_rank0() -> bool:
 
 def full_state(model) -> dict[str, torch.Tensor]:
     """The full (unpartitioned) parameters, on every rank; a collective under ZeRO-3."""
-    params = dict(model.named_parameters())
+    params = dict(unwrap_model(model).named_parameters())
     partitioned = [p for p in params.values() if hasattr(p, "ds_id")]
     if partitioned:
         import deepspeed
@@ -94,7 +95,7 @@ def full_state(model) -> dict[str, torch.Tensor]:
 
 def partition_facts(model) -> dict[str, dict]:
     facts = {}
-    for name, p in model.named_parameters():
+    for name, p in unwrap_model(model).named_parameters():
         facts[name] = {
             "ds_id": hasattr(p, "ds_id"),
             "ds_numel": int(getattr(p, "ds_numel", p.numel())),
@@ -106,8 +107,6 @@ def partition_facts(model) -> dict[str, dict]:
 
 
 def engine_facts(engine) -> dict:
-    from llmkd.heads import unwrap_model
-
     facts = {"class": type(engine).__name__, "module_class": type(unwrap_model(engine)).__name__}
     if hasattr(engine, "zero_optimization_stage"):
         facts["zero_stage"] = int(engine.zero_optimization_stage())
