@@ -16,6 +16,7 @@ import logging
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .heads import head_parameters, output_head, unwrap_model
 
@@ -108,7 +109,8 @@ def prepare_teacher(teacher: nn.Module, accelerator, *, is_deepspeed: bool, is_f
 
 @contextlib.contextmanager
 def gathered_head_parameters(model: nn.Module):
-    """Yield the output head's (weight ``(V, H)``, bias or None), gathered in full if ZeRO-3 partitioned them."""
+    """Yield the output head's (weight ``(V, H)``, bias or None) in full: gathered if ZeRO-3 partitioned them,
+    all-gathered from their shards if FSDP2 made them DTensors."""
     weight, bias = head_parameters(model)
     params = [p for p in (weight, bias) if p is not None]
     if any(_is_partitioned(p) for p in params):
@@ -116,5 +118,7 @@ def gathered_head_parameters(model: nn.Module):
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield weight, bias
+    elif any(isinstance(p, DTensor) for p in params):
+        yield tuple(p.full_tensor() if isinstance(p, DTensor) else p for p in (weight, bias))
     else:
         yield weight, bias

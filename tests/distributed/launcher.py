@@ -82,6 +82,31 @@ def _tail(text: str, limit: int = 12000) -> str:
     return text if len(text) <= limit else "...[cut]...\n" + text[-limit:]
 
 
+def _terminate(process: subprocess.Popen) -> None:
+    """End the launcher and every process under it: torchrun starts each rank in a session of its own, so killing
+    the launcher's process group alone would leave the ranks running (and holding the output pipes)."""
+    try:
+        import psutil
+
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except Exception:  # noqa: BLE001 - psutil missing or the launcher already gone
+        descendants = []
+    process.send_signal(signal.SIGTERM)  # torchrun forwards it to the ranks and waits for them
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    for child in descendants:
+        try:
+            child.kill()
+        except Exception:  # noqa: BLE001 - already exited
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _run(command: list[str], env: dict[str, str], timeout: float, out_dir: Path, what: str) -> LaunchResult:
     import time
 
@@ -94,7 +119,7 @@ def _run(command: list[str], env: dict[str, str], timeout: float, out_dir: Path,
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        _terminate(process)
         stdout, stderr = process.communicate()
         raise LaunchError(
             f"{what} timed out after {timeout:.0f} s.\n--- command: {' '.join(command)}\n"
@@ -152,15 +177,23 @@ def launch(
     """
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="llmkd_dist_"))
     out.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1", "--nproc-per-node", str(nprocs), "--node-rank", "0",
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "--max-restarts", "0", "--monitor-interval", "0.5",
-        str(Path(__file__).resolve()), str(Path(script) if Path(script).is_absolute() else REPO_DIR / script),
-        *map(str, args),
-    ]
-    return _run(command, _child_env(out, env, deepspeed), timeout, out, f"{nprocs}-process run of {script}")
+    for attempt in range(2):
+        command = [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nnodes", "1", "--nproc-per-node", str(nprocs), "--node-rank", "0",
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+            "--max-restarts", "0", "--monitor-interval", "0.5",
+            str(Path(__file__).resolve()), str(Path(script) if Path(script).is_absolute() else REPO_DIR / script),
+            *map(str, args),
+        ]
+        try:
+            return _run(command, _child_env(out, env, deepspeed), timeout, out, f"{nprocs}-process run of {script}")
+        except LaunchError as error:
+            # The free port can be taken between free_port() and torchrun's bind: try once more on another.
+            if attempt == 0 and "address already in use" in str(error).lower():
+                continue
+            raise
+    raise AssertionError("unreachable")
 
 
 def run_single(
@@ -194,9 +227,10 @@ def build_deepspeed_cpu_comm_op(timeout: float = 600) -> float:
     multi-process run, keeps each run's time to the run itself and stops two ranks from building it at once.
     Raises :class:`LaunchError` (with the compiler's output) when it cannot be built.
     """
-    out = Path(tempfile.mkdtemp(prefix="llmkd_dsop_"))
     command = [sys.executable, "-c", _BUILD_SHM_OP]
-    return _run(command, _child_env(out, None, deepspeed=False), timeout, out, "DeepSpeed CPU comm op build").seconds
+    with tempfile.TemporaryDirectory(prefix="llmkd_dsop_") as out:
+        env = _child_env(Path(out), None, deepspeed=False)
+        return _run(command, env, timeout, Path(out), "DeepSpeed CPU comm op build").seconds
 
 
 def _child_main() -> None:

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from utils import make_tokenizer, tiny_llama  # noqa: E402
 from llmkd import DistillConfig, DistillTrainer  # noqa: E402
 from llmkd.heads import unwrap_model  # noqa: E402
 
-OUT = Path(os.environ.get("LLMKD_TEST_OUT", "."))
+OUT = Path(os.environ.get("LLMKD_TEST_OUT") or tempfile.mkdtemp(prefix="llmkd_worker_"))
 WORDS = "the cat dog sat on mat red blue green one two three four five add sum is what".split()
 
 
