@@ -163,6 +163,13 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
         return out_hidden, out_weight, out_bias, None, None, None, None, None
 
 
+def _clamped(normalizer, device):
+    """The normalizer, at least 1 (a step with no valid token gives a zero loss, not 0/0)."""
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer.to(device, torch.float32).clamp_min(1)
+    return max(float(normalizer), 1.0)
+
+
 def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, vocab_size):
     if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
         raise ValueError(
@@ -227,8 +234,7 @@ def chunked_distillation_loss(
     n_tokens = student_hidden.shape[0]
     if normalizer is None:
         normalizer = max(n_tokens, 1)
-    if isinstance(normalizer, torch.Tensor):
-        normalizer = normalizer.to(student_hidden.device, torch.float32).clamp_min(1)
+    normalizer = _clamped(normalizer, student_hidden.device)
     spec = (token_loss, float(kd_weight), float(ce_weight), normalizer, int(chunk_size), student_transform,
             teacher_transform, int(vocab_size))
     loss, metrics = _ChunkedDistillationFunction.apply(
@@ -268,6 +274,5 @@ def dense_distillation_loss(
         teacher_logits = project(teacher_hidden, teacher_weight, teacher_bias, teacher_transform, vocab_size)
         teacher_ce = _teacher_ce(teacher_logits, labels)
     total, kd_sum, ce_sum = _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, ce_weight)
-    if isinstance(normalizer, torch.Tensor):
-        normalizer = normalizer.to(total.device, torch.float32).clamp_min(1)
+    normalizer = _clamped(normalizer, total.device)
     return DistillationLossOutput(total / normalizer, kd_sum.detach(), ce_sum.detach(), teacher_ce.detach(), n_tokens)

@@ -61,8 +61,17 @@ def kl_per_token(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
 
 
 def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
-    """log(weight_a * a + (1 - weight_a) * b), computed stably; weight_a strictly inside (0, 1)."""
-    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+    """log(weight_a * a + (1 - weight_a) * b), computed stably; weight_a strictly inside (0, 1).
+
+    Entries where both distributions are zero (both ``-inf``) are computed on finite stand-ins and set to ``-inf``
+    afterwards: ``logaddexp(-inf, -inf)`` has a NaN gradient that would poison the whole row through softmax.
+    """
+    both_zero = torch.isneginf(log_a) & torch.isneginf(log_b)
+    zero = torch.zeros((), dtype=log_a.dtype, device=log_a.device)
+    safe_a = torch.where(both_zero, zero, log_a)
+    safe_b = torch.where(both_zero, zero, log_b)
+    mixed = torch.logaddexp(safe_a + math.log(weight_a), safe_b + math.log1p(-weight_a))
+    return torch.where(both_zero, torch.full((), float("-inf"), dtype=mixed.dtype, device=mixed.device), mixed)
 
 
 def forward_kl_per_token(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
