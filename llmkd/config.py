@@ -20,6 +20,8 @@ class DistillConfig(TrainingArguments):
     Parameters that name the models:
         model_name_or_path: the student, when the trainer is not given a model object.
         model_revision / student_dtype: revision and dtype of the student (``float32`` default).
+        init_student_from_config: build the student from the configuration at ``model_name_or_path`` with freshly
+            initialised weights (seeded by ``seed``) instead of loading weights: distillation from scratch.
         trust_remote_code: allow custom model code for the student, teacher, tokenizer and processor (False).
 
     Parameters that control the teacher:
@@ -56,6 +58,9 @@ class DistillConfig(TrainingArguments):
     # models
     model_name_or_path: str | None = field(default=None, metadata={"help": "The student model (name or path)."})
     model_revision: str | None = field(default=None, metadata={"help": "Revision of the student."})
+    init_student_from_config: bool = field(
+        default=False, metadata={"help": "Build the student from the config at model_name_or_path with fresh weights."}
+    )
     student_dtype: str = field(default="float32", metadata={"help": f"Student dtype, one of {DTYPES}."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code (off by default)."})
     # teacher

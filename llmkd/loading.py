@@ -77,6 +77,21 @@ def load_causal_lm(
         ) from error
 
 
+def init_causal_lm_from_config(name_or_path: str, *, seed: int, dtype: str = "float32", revision: str | None = None,
+                               trust_remote_code: bool = False) -> PreTrainedModel:
+    """A student with freshly initialised weights (seeded) from the configuration at ``name_or_path``."""
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"Could not read the student configuration at {name_or_path!r}: {error}") from error
+    model_class = AutoModelForImageTextToText if is_vision_language_config(config) else AutoModelForCausalLM
+    torch_dtype = resolve_dtype(dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class.from_config(config, trust_remote_code=trust_remote_code)
+    return model if torch_dtype == "auto" else model.to(torch_dtype)
+
+
 def load_processing_class(name_or_path: str, *, role: str, revision: str | None = None,
                           trust_remote_code: bool = False):
     """The tokenizer of a text model, or the processor of a vision-language model."""

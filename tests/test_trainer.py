@@ -203,3 +203,18 @@ def test_evaluation_reports_distillation_metrics(tmp_path, tokenizer, models, da
     assert {"eval_loss", "eval_kd_loss", "eval_ce_loss", "eval_teacher_ce_loss"} <= set(metrics)
     expected = 0.5 * metrics["eval_kd_loss"] + 0.5 * metrics["eval_ce_loss"]
     assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_student_initialised_from_a_config(tmp_path, tokenizer, models, dataset):
+    """init_student_from_config builds fresh, seeded weights from a config folder that holds no weights."""
+    folder = tmp_path / "student_config"
+    models[0].config.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    args = _config(tmp_path, model_name_or_path=str(folder), init_student_from_config=True, seed=3, max_steps=2)
+    first = DistillTrainer(teacher_model=copy.deepcopy(models[1]), args=args, train_dataset=dataset)
+    second = DistillTrainer(teacher_model=copy.deepcopy(models[1]), args=args, train_dataset=dataset)
+    weights = first.model.state_dict()
+    assert all(torch.equal(v, second.model.state_dict()[k]) for k, v in weights.items())
+    assert not torch.equal(weights["lm_head.weight"], models[0].state_dict()["lm_head.weight"])
+    first.train()
+    assert _losses(first, "kd_loss")

@@ -25,7 +25,14 @@ from ..config import DistillConfig
 from ..data import DistillDataCollator, prepare_dataset
 from ..data.sources import load_dataset_splits
 from ..heads import intercept_head, logit_transform_for, output_head, verify_head_reproduction
-from ..loading import load_causal_lm, load_processing_class, quantization_config, resolve_dtype, tokenizer_of
+from ..loading import (
+    init_causal_lm_from_config,
+    load_causal_lm,
+    load_processing_class,
+    quantization_config,
+    resolve_dtype,
+    tokenizer_of,
+)
 from ..losses import chunked_distillation_loss, get_divergence
 from ..teacher import aligned_vocab_size, gathered_head_parameters, prepare_teacher
 
@@ -126,10 +133,16 @@ class DistillTrainer(Trainer):
                 processing_class = load_processing_class(
                     model, role="student", revision=args.model_revision, trust_remote_code=args.trust_remote_code
                 )
-            model = load_causal_lm(
-                model, role="student", dtype=args.student_dtype, revision=args.model_revision,
-                trust_remote_code=args.trust_remote_code,
-            )
+            if args.init_student_from_config:
+                model = init_causal_lm_from_config(
+                    model, seed=args.seed, dtype=args.student_dtype, revision=args.model_revision,
+                    trust_remote_code=args.trust_remote_code,
+                )
+            else:
+                model = load_causal_lm(
+                    model, role="student", dtype=args.student_dtype, revision=args.model_revision,
+                    trust_remote_code=args.trust_remote_code,
+                )
         if processing_class is None:
             raise ValueError("The student was given as a model object: pass its tokenizer as processing_class=...")
         return model, processing_class
