@@ -73,20 +73,27 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="Run the (chunked, dense) pair this many times, alternating, and report medians.")
     parser.add_argument("--mode", choices=["chunked", "dense"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
         _worker(args)
         return
-    results = {}
-    for mode in ("chunked", "dense"):
-        command = [sys.executable, __file__, "--mode", mode] + [
-            f"--{k}={getattr(args, k)}" for k in ("vocab", "batch", "seq", "steps", "chunk")]
-        output = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-        if output.returncode != 0:
-            raise SystemExit(f"{mode} run failed:\n{output.stderr[-4000:]}")
-        results[mode] = json.loads(output.stdout.strip().splitlines()[-1])
-    print(f"vocab {args.vocab}, batch {args.batch}, sequence {args.seq}, chunk {args.chunk}, {args.steps} steps")
+    runs: dict[str, list[dict]] = {"chunked": [], "dense": []}
+    for _ in range(args.repeats):
+        for mode in runs:
+            command = [sys.executable, __file__, "--mode", mode] + [
+                f"--{k}={getattr(args, k)}" for k in ("vocab", "batch", "seq", "steps", "chunk")]
+            output = subprocess.run(command, capture_output=True, text=True,
+                                    env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            if output.returncode != 0:
+                raise SystemExit(f"{mode} run failed:\n{output.stderr[-4000:]}")
+            runs[mode].append(json.loads(output.stdout.strip().splitlines()[-1]))
+    results = {mode: {key: statistics.median(r[key] for r in rows) for key in ("peak_rss_mb", "sec_per_step")}
+               for mode, rows in runs.items()}
+    print(f"vocab {args.vocab}, batch {args.batch}, sequence {args.seq}, chunk {args.chunk}, {args.steps} steps, "
+          f"{args.repeats} alternating repeat(s), torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
     print(f"{'mode':<8} {'peak RSS (MB)':>14} {'sec/step':>9}")
     for mode, row in results.items():
         print(f"{mode:<8} {row['peak_rss_mb']:>14.0f} {row['sec_per_step']:>9.2f}")
