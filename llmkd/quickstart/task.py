@@ -1,4 +1,9 @@
-"""The quickstart's task: three-digit addition ("347+589=" -> "936"), with a character-level tokenizer.
+"""The quickstart's task: three-digit addition with the sum written lowest digit first ("347+589=" -> "639",
+"748+552=" -> "0031"), and a character-level tokenizer.
+
+The sum is reversed because that is the order in which carries are computed: a small transformer then learns the
+task from far fewer examples than with the sum written the usual way (Lee et al., 2023, "Teaching Arithmetic to
+Small Transformers"), which is what lets the quickstart train a student in a minute on a CPU.
 
 Every pair of operands a, b in [100, 999] belongs to exactly one split, decided by a hash of the pair, so the
 held-out pairs are never seen in training by the teacher or the students. All prompts have 8 characters and all
@@ -38,8 +43,8 @@ def is_held_out(a: int, b: int) -> bool:
 
 
 def example(a: int, b: int) -> dict[str, str]:
-    """One row in TRL's prompt/completion layout."""
-    return {"prompt": f"{a}+{b}=", "completion": str(a + b)}
+    """One row in TRL's prompt/completion layout: the sum's digits lowest first."""
+    return {"prompt": f"{a}+{b}=", "completion": str(a + b)[::-1]}
 
 
 def make_split(split: str, n: int, seed: int) -> list[dict[str, str]]:

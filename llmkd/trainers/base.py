@@ -319,18 +319,20 @@ class DistillTrainer(Trainer):
 
     # ---------------------------------------------------------------------------------------------- logging
     def _accumulate_metrics(self, record, training: bool) -> None:
+        # kept as device tensors: no host synchronisation per micro-batch
         sums = self._metric_sums[training]
-        for key in ("kd", "ce", "teacher_ce"):
+        for key in ("kd", "ce", "teacher_ce", "tokens"):
             value = record[key]
-            sums[key] += float(value.item() if isinstance(value, torch.Tensor) else value)
-        sums["tokens"] += record["tokens"]
+            value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
+            sums[key] = sums[key] + value
 
     def _reduced_metrics(self, training: bool) -> dict[str, float]:
         sums = self._metric_sums[training]
         if not sums:
             return {}
         keys = ("kd", "ce", "teacher_ce", "tokens")
-        totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64).to(self.accelerator.device)
+                              for k in keys])
         totals = self.accelerator.reduce(totals, reduction="sum") if self.accelerator.num_processes > 1 else totals
         sums.clear()
         tokens = max(totals[3].item(), 1.0)
