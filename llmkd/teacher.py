@@ -94,6 +94,11 @@ def is_quantized(model: nn.Module) -> bool:
 def prepare_teacher(teacher: nn.Module, accelerator, *, is_deepspeed: bool, is_fsdp: bool) -> nn.Module:
     """Freeze the teacher and place it for the run (see the module docstring)."""
     freeze(teacher)
+    if is_quantized(teacher):
+        if is_deepspeed or is_fsdp:
+            logger.info("The teacher is quantized with bitsandbytes: it stays replicated on every process "
+                        "(bitsandbytes weights cannot be partitioned by ZeRO-3 or FSDP).")
+        return teacher
     if is_deepspeed:
         from trl.models import prepare_deepspeed
 
@@ -102,8 +107,6 @@ def prepare_teacher(teacher: nn.Module, accelerator, *, is_deepspeed: bool, is_f
         from trl.models import prepare_fsdp
 
         return prepare_fsdp(teacher, accelerator)
-    if is_quantized(teacher):
-        return teacher
     return accelerator.prepare_model(teacher, evaluation_mode=True)
 
 
