@@ -21,6 +21,7 @@ from .divergences import (
 )
 from .reduction import reduce_token_losses
 from .registry import Divergence, get_divergence
+from .taid import TAIDSchedule, TAIDTokenLoss, taid_loss
 
 __all__ = [
     "Divergence",
@@ -36,5 +37,8 @@ __all__ = [
     "skew_forward_kl",
     "skew_reverse_kl",
     "softened_log_probs",
+    "taid_loss",
+    "TAIDSchedule",
+    "TAIDTokenLoss",
     "tvd",
 ]
