@@ -29,6 +29,7 @@ class MethodEntry:
 
 METHODS: dict[str, MethodEntry] = {
     "kd": MethodEntry("kd", "llmkd.config:DistillConfig", "llmkd.trainers.base:DistillTrainer"),
+    "taid": MethodEntry("taid", "llmkd.trainers.taid:TAIDConfig", "llmkd.trainers.taid:TAIDTrainer"),
 }
 
 

@@ -140,13 +140,14 @@ def test_cli_reports_unknown_keys(tmp_path):
     assert "Unknown key 'teacher'" in result.stderr
 
 
-def test_tiny_recipe_trains_offline_from_the_repository_root(tmp_path):
-    """recipes/kd/tiny.yaml as shipped (relative paths from the repository root), shortened to a few steps."""
+@pytest.mark.parametrize("recipe", ["recipes/kd/tiny.yaml", "recipes/taid/tiny.yaml"])
+def test_tiny_recipe_trains_offline_from_the_repository_root(tmp_path, recipe):
+    """The offline recipes as shipped (relative paths from the repository root), shortened to a few steps."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "llmkd", "train", "--config", "recipes/kd/tiny.yaml", "--max_steps", "4",
+    command = [sys.executable, "-m", "llmkd", "train", "--config", recipe, "--max_steps", "4",
                "--logging_steps", "1", "--output_dir", str(tmp_path / "out")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "model.safetensors").exists()
-    assert (tmp_path / "out" / "llmkd_recipe.yaml").read_text() == open(os.path.join(ROOT, "recipes/kd/tiny.yaml")).read()
+    assert (tmp_path / "out" / "llmkd_recipe.yaml").read_text() == open(os.path.join(ROOT, recipe)).read()
     assert result.stdout.count("'kd_loss'") + result.stderr.count("'kd_loss'") == 4
