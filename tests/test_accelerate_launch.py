@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import sys
 import pytest
 import yaml
 from distributed.launcher import CHILD_ENV, TESTS_DIR, free_port
-from utils import make_tokenizer, prompt_completion_rows, tiny_llama
+from utils import write_local_run
 
 ROOT = TESTS_DIR.parent
 SITECUSTOMIZE = f"""
@@ -25,17 +24,10 @@ patch_accelerate_cpu_backend()
 @pytest.mark.parametrize("accelerate_config", ["zero2.yaml", "zero3.yaml"])
 def test_accelerate_launch_runs_the_cli_on_two_processes(tmp_path, accelerate_config):
     pytest.importorskip("deepspeed", reason="the ZeRO configs need deepspeed (extra 'deepspeed')")
-    tokenizer = make_tokenizer()
-    for name, hidden, seed in (("student", 32, 1), ("teacher", 48, 2)):
-        model = tiny_llama(len(tokenizer), hidden=hidden, seed=seed)
-        model.save_pretrained(str(tmp_path / name))
-        tokenizer.save_pretrained(str(tmp_path / name))
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in prompt_completion_rows(16)))
+    local = write_local_run(tmp_path)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
-        "method": "kd", "model_name_or_path": str(tmp_path / "student"),
-        "teacher_model_name_or_path": str(tmp_path / "teacher"), "dataset_name": str(data),
+        "method": "kd", **local,
         "output_dir": str(tmp_path / "out"), "max_steps": 3, "per_device_train_batch_size": 2,
         "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no", "disable_tqdm": True,
     }))

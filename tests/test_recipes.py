@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 import yaml
-from utils import make_tokenizer, prompt_completion_rows, tiny_llama
+from utils import write_local_run
 
 from llmkd.methods import method_entry
 from llmkd.recipes import RecipeError, load_config
@@ -109,16 +108,9 @@ def test_overrides_win_over_the_file(tmp_path):
 
 
 def test_cli_train_on_a_local_recipe(tmp_path):
-    tokenizer = make_tokenizer()
-    for name, hidden, seed in (("student", 32, 1), ("teacher", 48, 2)):
-        model = tiny_llama(len(tokenizer), hidden=hidden, seed=seed)
-        model.save_pretrained(str(tmp_path / name))
-        tokenizer.save_pretrained(str(tmp_path / name))
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in prompt_completion_rows(16)))
+    local = write_local_run(tmp_path)
     recipe = _write(tmp_path, {
-        "method": "kd", "model_name_or_path": str(tmp_path / "student"),
-        "teacher_model_name_or_path": str(tmp_path / "teacher"), "dataset_name": str(data),
+        "method": "kd", **local,
         "output_dir": str(tmp_path / "out"), "max_steps": 4, "per_device_train_batch_size": 4,
         "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no",
     })

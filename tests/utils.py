@@ -62,3 +62,20 @@ def prompt_completion_rows(n: int = 32, seed: int = 0) -> list[dict]:
         names = ["one", "two", "three", "four", "five", "the"]
         rows.append({"prompt": f"what is {names[a]} add {names[b]}", "completion": f" sum is {names[(a + b) % 6]}"})
     return rows
+
+
+def write_local_run(folder) -> dict[str, str]:
+    """Save a tiny student, a tiny teacher (each with the tokenizer) and a prompt/completion jsonl under ``folder``;
+    return the recipe fields that name them."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    tokenizer = make_tokenizer()
+    for name, hidden, seed in (("student", 32, 1), ("teacher", 48, 2)):
+        tiny_llama(len(tokenizer), hidden=hidden, seed=seed).save_pretrained(str(folder / name))
+        tokenizer.save_pretrained(str(folder / name))
+    data = folder / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in prompt_completion_rows(16)))
+    return {"model_name_or_path": str(folder / "student"), "teacher_model_name_or_path": str(folder / "teacher"),
+            "dataset_name": str(data)}
