@@ -1,7 +1,9 @@
 """Distillation losses: pure functions of tensors (no Trainer, no model).
 
 Dense divergences on logits (ALGORITHMS.md section 0), their per-token kernels, the registry that turns a name
-into a token loss, and the chunked engine that runs any token loss from hidden states and output heads.
+into a token loss, TAID's interpolated target and schedule (section 1), SinKD's Sinkhorn term (section 2), and the
+chunked engine that runs any token loss (and a block loss such as the Sinkhorn term) from hidden states and
+output heads.
 """
 
 from .chunked import (
@@ -21,6 +23,7 @@ from .divergences import (
 )
 from .reduction import reduce_token_losses
 from .registry import Divergence, get_divergence
+from .sinkhorn import SinkhornTerm, sinkhorn_blocks, sinkhorn_loss, sinkhorn_plan
 from .taid import TAIDSchedule, TAIDTokenLoss, taid_loss
 
 __all__ = [
@@ -36,6 +39,10 @@ __all__ = [
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "SinkhornTerm",
+    "sinkhorn_blocks",
+    "sinkhorn_loss",
+    "sinkhorn_plan",
     "softened_log_probs",
     "taid_loss",
     "TAIDSchedule",

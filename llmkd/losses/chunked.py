@@ -2,27 +2,34 @@
 
 For the N valid tokens of a micro-batch it computes
 
-    loss = (kd_weight * sum_n token_loss(z_s[n], z_t[n]) + ce_weight * sum_n CE(z_s[n], y[n])) / normalizer
+    loss = (kd_weight * sum_n token_loss(z_s[n], z_t[n]) + ce_weight * sum_n CE(z_s[n], y[n])
+            + block_weight * sum_blocks block_loss(z_s[block], z_t[block])) / normalizer
 
 where ``z_s = post(h_s W_s^T + b_s)`` and ``z_t = post(h_t W_t^T + b_t)`` are the student's and teacher's logits
 (``post`` is the model's own logit post-processing, see :class:`LogitTransform`). The (N x V) logits of neither
-model ever exist whole: each chunk of ``chunk_size`` tokens is projected, its loss and its gradients with
+model ever exist whole: each chunk of ``chunk_size`` tokens (or each range of ``chunk_bounds``) is projected, its loss and its gradients with
 respect to the chunk's hidden states and the student head are computed at once (as Liger-Kernel's fused linear
 losses do), and the chunk's logits are freed before the next chunk. Backward only rescales the stored gradients.
 
 :func:`dense_distillation_loss` computes the same quantity with full logits and ordinary autograd; the tests
 hold the two equal in value and gradient.
+
+A *block loss* couples the tokens of one chunk (SinKD's Sinkhorn term transports mass between the positions of a
+block): the chunks are then the caller's ``chunk_bounds`` (e.g. :func:`llmkd.losses.sinkhorn.sinkhorn_blocks`), so
+a block is never split, and its gradient is computed in forward like the token terms.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 TokenLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BlockLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (n, V), (n, V) -> scalar
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,8 @@ class DistillationLossOutput:
 
     ``loss``: scalar with gradient, already divided by the normalizer. The ``*_sum`` fields are detached float32
     scalars summed over the N tokens (divide by the token count to log means): ``kd_sum`` the token loss,
-    ``ce_sum`` the student's cross-entropy, ``teacher_ce_sum`` the teacher's cross-entropy on the same labels.
+    ``ce_sum`` the student's cross-entropy, ``teacher_ce_sum`` the teacher's cross-entropy on the same labels,
+    ``block_sum`` the block loss summed over blocks (unweighted; zero without a block loss).
     """
 
     loss: torch.Tensor
@@ -65,6 +73,7 @@ class DistillationLossOutput:
     ce_sum: torch.Tensor
     teacher_ce_sum: torch.Tensor
     num_tokens: int
+    block_sum: torch.Tensor | None = None
 
 
 def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform,
@@ -77,8 +86,9 @@ def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return transform(logits.float())
 
 
-def _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, ce_weight):
-    """Per-chunk sums: (weighted total, kd sum, ce sum); logits are float32 ``(n, V)``, labels ``(n,)``."""
+def _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, ce_weight, block_loss=None,
+                 block_weight=0.0):
+    """Per-chunk sums: (weighted total, kd sum, ce sum, block loss); logits are float32 ``(n, V)``, labels ``(n,)``."""
     kd_sum = token_loss(student_logits, teacher_logits).sum()
     if labels is not None:
         ce_sum = F.cross_entropy(student_logits, labels, reduction="sum", ignore_index=-100)
@@ -87,7 +97,12 @@ def _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, 
     total = kd_weight * kd_sum
     if ce_weight != 0.0:
         total = total + ce_weight * ce_sum
-    return total, kd_sum, ce_sum
+    block_sum = student_logits.new_zeros(())
+    if block_loss is not None:
+        block_sum = block_loss(student_logits, teacher_logits)
+        if block_weight != 0.0:
+            total = total + block_weight * block_sum
+    return total, kd_sum, ce_sum, block_sum
 
 
 def _teacher_ce(teacher_logits, labels):
@@ -102,7 +117,7 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 labels, spec):
-        token_loss, kd_weight, ce_weight, normalizer, chunk_size, s_post, t_post, vocab_size = spec
+        token_loss, kd_weight, ce_weight, normalizer, bounds, s_post, t_post, vocab_size, block_loss, block_weight = spec
         need_hidden_grad = student_hidden.requires_grad
         need_weight_grad = student_weight.requires_grad
         need_bias_grad = student_bias is not None and student_bias.requires_grad
@@ -113,10 +128,9 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
         weight_leaf = student_weight.detach().requires_grad_(need_weight_grad)
         bias_leaf = None if student_bias is None else student_bias.detach().requires_grad_(need_bias_grad)
 
-        totals = torch.zeros(4, dtype=torch.float32, device=student_hidden.device)  # total, kd, ce, teacher ce
-        n_tokens = student_hidden.shape[0]
-        for start in range(0, n_tokens, chunk_size):
-            end = min(start + chunk_size, n_tokens)
+        # total, kd, ce, teacher ce, block loss
+        totals = torch.zeros(5, dtype=torch.float32, device=student_hidden.device)
+        for start, end in bounds:
             chunk_labels = None if labels is None else labels[start:end]
             with torch.no_grad():
                 teacher_logits = project(teacher_hidden[start:end], teacher_weight, teacher_bias, t_post, vocab_size)
@@ -124,8 +138,9 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
             hidden_leaf = student_hidden[start:end].detach().requires_grad_(need_hidden_grad)
             with torch.enable_grad():
                 student_logits = project(hidden_leaf, weight_leaf, bias_leaf, s_post, vocab_size)
-                total, kd_sum, ce_sum = _chunk_terms(
-                    student_logits, teacher_logits, chunk_labels, token_loss, kd_weight, ce_weight
+                total, kd_sum, ce_sum, block_sum = _chunk_terms(
+                    student_logits, teacher_logits, chunk_labels, token_loss, kd_weight, ce_weight, block_loss,
+                    block_weight,
                 )
                 inputs = [t for t, need in ((hidden_leaf, need_hidden_grad), (weight_leaf, need_weight_grad),
                                             (bias_leaf, need_bias_grad)) if need]
@@ -139,6 +154,7 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
             totals[0] += total.detach()
             totals[1] += kd_sum.detach()
             totals[2] += ce_sum.detach()
+            totals[4] += block_sum.detach()
             del student_logits, teacher_logits, total
 
         ctx.save_for_backward(
@@ -148,7 +164,7 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
         ctx.dtypes = (student_weight.dtype, None if student_bias is None else student_bias.dtype)
         ctx.normalizer = normalizer
         loss = totals[0] / normalizer
-        metrics = totals[1:].clone()
+        metrics = totals[1:].clone()  # kd, ce, teacher ce, block
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
@@ -168,6 +184,25 @@ def _clamped(normalizer, device):
     if isinstance(normalizer, torch.Tensor):
         return normalizer.to(device, torch.float32).clamp_min(1)
     return max(float(normalizer), 1.0)
+
+
+def _chunk_ranges(n_tokens: int, chunk_size: int | None, chunk_bounds) -> list[tuple[int, int]]:
+    """The engine's chunks: the caller's ``chunk_bounds`` (checked to tile ``range(N)`` in order) or fixed-size."""
+    if chunk_bounds is None:
+        if chunk_size is None or chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+        return [(start, min(start + chunk_size, n_tokens)) for start in range(0, n_tokens, chunk_size)]
+    bounds = [(int(start), int(end)) for start, end in chunk_bounds]
+    expected = 0
+    for start, end in bounds:
+        if start != expected or end <= start:
+            raise ValueError(
+                f"chunk_bounds must tile range({n_tokens}) in order with non-empty ranges; got {bounds[:8]}..."
+            )
+        expected = end
+    if expected != n_tokens:
+        raise ValueError(f"chunk_bounds cover {expected} tokens but there are {n_tokens}.")
+    return bounds
 
 
 def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, vocab_size):
@@ -207,6 +242,9 @@ def chunked_distillation_loss(
     student_transform: LogitTransform = IDENTITY,
     teacher_transform: LogitTransform = IDENTITY,
     vocab_size: int | None = None,
+    block_loss: BlockLoss | None = None,
+    block_weight: float = 0.0,
+    chunk_bounds: Sequence[tuple[int, int]] | None = None,
 ) -> DistillationLossOutput:
     """Distillation loss over N valid tokens without materialising (N x V) logits.
 
@@ -223,25 +261,28 @@ def chunked_distillation_loss(
         chunk_size: tokens per chunk; peak extra memory is about ``chunk_size * V * 4 bytes * 4``.
         vocab_size: the aligned vocabulary (both heads are cut to their first ``vocab_size`` rows); defaults to
             ``min(V_s, V_t)``.
+        block_loss: ``(student_logits (n, V), teacher_logits (n, V)) -> scalar`` over the n tokens of one chunk
+            (e.g. :class:`~llmkd.losses.sinkhorn.SinkhornTerm`), added with ``block_weight``.
+        chunk_bounds: ``[(start, end), ...]`` tiling ``range(N)``: the chunks (and the block loss's blocks);
+            overrides ``chunk_size``.
     Returns:
         :class:`DistillationLossOutput`.
     """
     if vocab_size is None:
         vocab_size = min(student_weight.shape[0], teacher_weight.shape[0])
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, vocab_size)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     n_tokens = student_hidden.shape[0]
+    bounds = _chunk_ranges(n_tokens, chunk_size, chunk_bounds)
     if normalizer is None:
         normalizer = max(n_tokens, 1)
     normalizer = _clamped(normalizer, student_hidden.device)
-    spec = (token_loss, float(kd_weight), float(ce_weight), normalizer, int(chunk_size), student_transform,
-            teacher_transform, int(vocab_size))
+    spec = (token_loss, float(kd_weight), float(ce_weight), normalizer, bounds, student_transform,
+            teacher_transform, int(vocab_size), block_loss, float(block_weight))
     loss, metrics = _ChunkedDistillationFunction.apply(
         student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(), labels, spec,
     )
-    return DistillationLossOutput(loss, metrics[0], metrics[1], metrics[2], n_tokens)
+    return DistillationLossOutput(loss, metrics[0], metrics[1], metrics[2], n_tokens, block_sum=metrics[3])
 
 
 def dense_distillation_loss(
@@ -260,9 +301,15 @@ def dense_distillation_loss(
     student_transform: LogitTransform = IDENTITY,
     teacher_transform: LogitTransform = IDENTITY,
     vocab_size: int | None = None,
+    block_loss: BlockLoss | None = None,
+    block_weight: float = 0.0,
+    chunk_bounds: Sequence[tuple[int, int]] | None = None,
     chunk_size: int | None = None,  # accepted for a uniform call signature; unused
 ) -> DistillationLossOutput:
-    """The same loss as :func:`chunked_distillation_loss` with full (N x V) logits and ordinary autograd."""
+    """The same loss as :func:`chunked_distillation_loss` with full (N x V) logits and ordinary autograd.
+
+    The block loss (if any) is evaluated on each range of ``chunk_bounds`` (default: one block of all N tokens).
+    """
     if vocab_size is None:
         vocab_size = min(student_weight.shape[0], teacher_weight.shape[0])
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, vocab_size)
@@ -273,6 +320,24 @@ def dense_distillation_loss(
     with torch.no_grad():
         teacher_logits = project(teacher_hidden, teacher_weight, teacher_bias, teacher_transform, vocab_size)
         teacher_ce = _teacher_ce(teacher_logits, labels)
-    total, kd_sum, ce_sum = _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, ce_weight)
+    total, kd_sum, ce_sum, _ = _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, ce_weight)
+    block_sum = dense_block_loss(student_logits, teacher_logits, block_loss, chunk_bounds)
+    if block_loss is not None and block_weight != 0.0:
+        total = total + block_weight * block_sum
     normalizer = _clamped(normalizer, total.device)
-    return DistillationLossOutput(total / normalizer, kd_sum.detach(), ce_sum.detach(), teacher_ce.detach(), n_tokens)
+    return DistillationLossOutput(total / normalizer, kd_sum.detach(), ce_sum.detach(), teacher_ce.detach(), n_tokens,
+                                  block_sum=block_sum.detach())
+
+
+def dense_block_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, block_loss: BlockLoss | None,
+                     chunk_bounds: Sequence[tuple[int, int]] | None) -> torch.Tensor:
+    """Sum of ``block_loss`` over the ranges of ``chunk_bounds`` (default one block) of full ``(N, V)`` logits."""
+    zero = student_logits.new_zeros((), dtype=torch.float32)
+    if block_loss is None:
+        return zero
+    bounds = _chunk_ranges(student_logits.shape[0], None, chunk_bounds) if chunk_bounds is not None else \
+        ([(0, student_logits.shape[0])] if student_logits.shape[0] else [])
+    total = zero
+    for start, end in bounds:
+        total = total + block_loss(student_logits[start:end], teacher_logits[start:end])
+    return total

@@ -46,21 +46,25 @@ ALIASES = {
 class Divergence:
     """A named divergence with its temperature and hyperparameters, callable as a token loss.
 
-    ``__call__(student_logits (N, V), teacher_logits (N, V)) -> (N,)`` float32, scaled by ``T^2``.
+    ``__call__(student_logits (N, V), teacher_logits (N, V)) -> (N,)`` float32, scaled by ``T^2`` unless
+    ``scale_by_t2`` is False (SinKD's KD term follows its paper and official code: no ``T^2``).
     """
 
     name: str
     temperature: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
+    scale_by_t2: bool = True
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         kernel, _ = DIVERGENCE_KERNELS[self.name]
         log_q = softened_log_probs(student_logits, self.temperature)
         log_p = softened_log_probs(teacher_logits, self.temperature)
-        return kernel(log_q, log_p, **self.params) * (self.temperature**2)
+        losses = kernel(log_q, log_p, **self.params)
+        return losses * (self.temperature**2) if self.scale_by_t2 else losses
 
 
-def get_divergence(name: str, *, temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1) -> Divergence:
+def get_divergence(name: str, *, temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
+                   scale_by_t2: bool = True) -> Divergence:
     """Build a :class:`Divergence` by name (``fkl``, ``rkl``, ``jsd``, ``skew_fkl``, ``skew_rkl``, ``tvd`` or an
     alias such as ``forward_kl``). ``beta`` is used by ``jsd`` only, ``alpha`` by the skew KLs only."""
     canonical = ALIASES.get(name, name)
@@ -77,4 +81,4 @@ def get_divergence(name: str, *, temperature: float = 1.0, beta: float = 0.5, al
     # validate hyperparameters once, here, rather than at the first training step
     probe = torch.zeros(1, 2)
     DIVERGENCE_KERNELS[canonical][0](probe, probe, **params)
-    return Divergence(canonical, temperature, params)
+    return Divergence(canonical, temperature, params, scale_by_t2)
