@@ -3,6 +3,8 @@
 __version__ = "0.1.0"
 
 from .config import DistillConfig  # noqa: E402
-from .trainers import DistillTrainer, TAIDConfig, TAIDTrainer  # noqa: E402
+from .trainers import DistillTrainer, SinKDConfig, SinKDTrainer, TAIDConfig, TAIDTrainer  # noqa: E402
 
-__all__ = ["DistillConfig", "DistillTrainer", "TAIDConfig", "TAIDTrainer", "__version__"]
+__all__ = [
+    "DistillConfig", "DistillTrainer", "SinKDConfig", "SinKDTrainer", "TAIDConfig", "TAIDTrainer", "__version__",
+]

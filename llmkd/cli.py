@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: llmkd {train,quickstart} ...\n"
               "  train       --config RECIPE.yaml [--field value ...]   distil as the recipe says\n"
-              "  quickstart  [--output_dir DIR] [--method kd]            offline demo on a laptop CPU (< 5 min)")
+              "  quickstart  [--output_dir DIR] [--method taid]          offline demo on a laptop CPU (< 5 min)")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"llmkd: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

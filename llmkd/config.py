@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+TASK_CHOICES = ("auto", "causal_lm", "sequence_classification")
 
 
 @dataclass
@@ -23,6 +24,10 @@ class DistillConfig(TrainingArguments):
         init_student_from_config: build the student from the configuration at ``model_name_or_path`` with freshly
             initialised weights (seeded by ``seed``) instead of loading weights: distillation from scratch.
         trust_remote_code: allow custom model code for the student, teacher, tokenizer and processor (False).
+        task: ``auto`` (default: a student of a ``*ForSequenceClassification`` class, or whose config names one,
+            is a sequence classifier; anything else a causal LM), ``causal_lm`` or ``sequence_classification``.
+            Classifiers are distilled per example on their (B, C) logits from GLUE-style rows
+            (:mod:`llmkd.data.classification`).
 
     Parameters that control the teacher:
         teacher_model_name_or_path: the teacher, when the trainer is not given a model object.
@@ -63,6 +68,7 @@ class DistillConfig(TrainingArguments):
     )
     student_dtype: str = field(default="float32", metadata={"help": f"Student dtype, one of {DTYPES}."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code (off by default)."})
+    task: str = field(default="auto", metadata={"help": f"One of {TASK_CHOICES}."})
     # teacher
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "The teacher (name or path)."})
     teacher_revision: str | None = field(default=None, metadata={"help": "Revision of the teacher."})
@@ -101,6 +107,8 @@ class DistillConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.task not in TASK_CHOICES:
+            raise ValueError(f"task={self.task!r} is not one of {TASK_CHOICES}.")
         for name in ("student_dtype", "teacher_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {DTYPES}.")

@@ -11,6 +11,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoModelForSequenceClassification,
     AutoProcessor,
     AutoTokenizer,
     BitsAndBytesConfig,
@@ -47,6 +48,33 @@ def is_vision_language_config(config) -> bool:
     return getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None
 
 
+def _is_classifier_class_name(name: str) -> bool:
+    return name.endswith("ForSequenceClassification")
+
+
+def detect_task(model: PreTrainedModel | str | None, *, revision: str | None = None,
+                trust_remote_code: bool = False) -> str:
+    """``"sequence_classification"`` for a sequence classifier (an object of a ``*ForSequenceClassification`` class,
+    or a path whose config lists such an architecture), else ``"causal_lm"``."""
+    if model is None:
+        return "causal_lm"
+    if isinstance(model, str):
+        try:
+            config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError):
+            return "causal_lm"  # the loader reports the real problem with the role attached
+        architectures = getattr(config, "architectures", None) or []
+        return "sequence_classification" if any(map(_is_classifier_class_name, architectures)) else "causal_lm"
+    inner = getattr(model, "get_base_model", lambda: model)()
+    return "sequence_classification" if _is_classifier_class_name(type(inner).__name__) else "causal_lm"
+
+
+def _model_class(config, task: str):
+    if task == "sequence_classification":
+        return AutoModelForSequenceClassification
+    return AutoModelForImageTextToText if is_vision_language_config(config) else AutoModelForCausalLM
+
+
 def load_causal_lm(
     name_or_path: str,
     *,
@@ -56,8 +84,10 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     quantization: BitsAndBytesConfig | None = None,
     device_map=None,
+    task: str = "causal_lm",
 ) -> PreTrainedModel:
-    """Load a causal LM (or a LLaVA-style vision-language model) for the given role ("student" or "teacher")."""
+    """Load a causal LM (or a LLaVA-style vision-language model; or, with ``task="sequence_classification"``, a
+    sequence classifier) for the given role ("student" or "teacher")."""
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, dtype=resolve_dtype(dtype),
                   use_safetensors=True)
     if quantization is not None:
@@ -67,8 +97,7 @@ def load_causal_lm(
         kwargs["device_map"] = device_map
     try:
         config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-        model_class = AutoModelForImageTextToText if is_vision_language_config(config) else AutoModelForCausalLM
-        return model_class.from_pretrained(name_or_path, **kwargs)
+        return _model_class(config, task).from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, EnvironmentError) as error:
         raise ModelLoadError(
             f"Could not load the {role} model {name_or_path!r}: {error}\n"
@@ -78,13 +107,13 @@ def load_causal_lm(
 
 
 def init_causal_lm_from_config(name_or_path: str, *, seed: int, dtype: str = "float32", revision: str | None = None,
-                               trust_remote_code: bool = False) -> PreTrainedModel:
+                               trust_remote_code: bool = False, task: str = "causal_lm") -> PreTrainedModel:
     """A student with freshly initialised weights (seeded) from the configuration at ``name_or_path``."""
     try:
         config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"Could not read the student configuration at {name_or_path!r}: {error}") from error
-    model_class = AutoModelForImageTextToText if is_vision_language_config(config) else AutoModelForCausalLM
+    model_class = _model_class(config, task)
     torch_dtype = resolve_dtype(dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

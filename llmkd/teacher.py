@@ -32,6 +32,23 @@ def _vocab(tokenizer) -> dict[str, int]:
     return tokenizer.get_vocab()
 
 
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
+    """Refuse a student and teacher whose tokenizers differ (token ids would not mean the same text)."""
+    if student_tokenizer is None or teacher_tokenizer is None:
+        return
+    student_vocab, teacher_vocab = _vocab(student_tokenizer), _vocab(teacher_tokenizer)
+    if student_vocab != teacher_vocab:
+        only_student = len(set(student_vocab.items()) - set(teacher_vocab.items()))
+        only_teacher = len(set(teacher_vocab.items()) - set(student_vocab.items()))
+        raise VocabularyMismatchError(
+            f"The student and teacher tokenizers differ ({len(student_vocab)} vs {len(teacher_vocab)} tokens; "
+            f"{only_student} token-id pairs only in the student's, {only_teacher} only in the teacher's). "
+            "Token-level distillation compares distributions over the same token ids, so both models must "
+            "use the same tokenizer: pick a teacher and student of the same model family (e.g. Qwen2.5-7B -> "
+            "Qwen2.5-0.5B), or distil from teacher-generated text with plain SFT."
+        )
+
+
 def aligned_vocab_size(student: nn.Module, teacher: nn.Module, student_tokenizer=None, teacher_tokenizer=None) -> int:
     """The number of leading token ids both models score, after checking they share a tokenizer.
 
@@ -40,18 +57,7 @@ def aligned_vocab_size(student: nn.Module, teacher: nn.Module, student_tokenizer
     ``[0, min(V_s, V_t))`` and the alignment is logged. Different tokenizers cannot be aligned id by id and are an
     error.
     """
-    if student_tokenizer is not None and teacher_tokenizer is not None:
-        student_vocab, teacher_vocab = _vocab(student_tokenizer), _vocab(teacher_tokenizer)
-        if student_vocab != teacher_vocab:
-            only_student = len(set(student_vocab.items()) - set(teacher_vocab.items()))
-            only_teacher = len(set(teacher_vocab.items()) - set(student_vocab.items()))
-            raise VocabularyMismatchError(
-                f"The student and teacher tokenizers differ ({len(student_vocab)} vs {len(teacher_vocab)} tokens; "
-                f"{only_student} token-id pairs only in the student's, {only_teacher} only in the teacher's). "
-                "Token-level distillation compares distributions over the same token ids, so both models must "
-                "use the same tokenizer: pick a teacher and student of the same model family (e.g. Qwen2.5-7B -> "
-                "Qwen2.5-0.5B), or distil from teacher-generated text with plain SFT."
-            )
+    check_same_tokenizer(student_tokenizer, teacher_tokenizer)
     student_rows = output_head(student).weight.shape[0] if not _is_partitioned(output_head(student).weight) else \
         output_head(student).weight.ds_shape[0]
     teacher_weight = output_head(teacher).weight
@@ -72,6 +78,33 @@ def aligned_vocab_size(student: nn.Module, teacher: nn.Module, student_tokenizer
             "distilling over the %d shared token ids.", student_rows, teacher_rows, size,
         )
     return size
+
+
+def check_label_spaces(student: nn.Module, teacher: nn.Module) -> int:
+    """The number of classes of two sequence classifiers, after checking they predict the same classes.
+
+    Both must have the same ``num_labels``; when both configs name their labels (``id2label`` other than the
+    default ``LABEL_0``, ``LABEL_1``...), the names must agree id by id.
+    """
+    student_config, teacher_config = unwrap_model(student).config, unwrap_model(teacher).config
+    if student_config.num_labels != teacher_config.num_labels:
+        raise ValueError(
+            f"The student classifies into {student_config.num_labels} classes and the teacher into "
+            f"{teacher_config.num_labels}: distillation compares their class distributions, so build the student "
+            f"with num_labels={teacher_config.num_labels} (and the teacher's id2label/label2id)."
+        )
+
+    def named(config) -> dict[int, str] | None:
+        names = {int(k): v for k, v in (getattr(config, "id2label", None) or {}).items()}
+        return None if all(v == f"LABEL_{k}" for k, v in names.items()) else names
+
+    student_names, teacher_names = named(student_config), named(teacher_config)
+    if student_names is not None and teacher_names is not None and student_names != teacher_names:
+        raise ValueError(
+            f"The student's classes {student_names} are not the teacher's {teacher_names} (id by id): give the "
+            "student the teacher's id2label/label2id so that class i means the same thing in both models."
+        )
+    return int(student_config.num_labels)
 
 
 def _is_partitioned(param: torch.Tensor) -> bool:

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmkd.cli import main as cli_main
 from llmkd.quickstart.evaluate import completion_perplexity, exact_match
-from llmkd.quickstart.run import asset_path, format_table, new_student, parse_args, run
+from llmkd import DistillTrainer, TAIDTrainer
+from llmkd.quickstart.run import METHOD_SETTINGS, asset_path, format_table, new_student, parse_args, run
 from llmkd.quickstart.task import is_held_out, make_split, make_tokenizer
 
 # scripts/make_quickstart_teacher.py measured exact match 1.0000 and completion perplexity 1.0700 on 2000 held-out
@@ -132,6 +133,28 @@ def test_loss_curves_are_png_images(quickstart):
         width, height = struct.unpack(">II", data[16:24])
         assert width >= 300 and height >= 200, (path, width, height)
         assert len(data) > 10_000, f"{path} is only {len(data)} bytes"
+
+
+def test_default_method_is_taid_with_its_recorded_settings(quickstart):
+    assert parse_args([]).method == "taid"
+    results, trainer = quickstart["results"], quickstart["trainer"]
+    assert results["method"] == "taid" and results["method_settings"] == METHOD_SETTINGS["taid"]
+    assert type(trainer) is TAIDTrainer
+    for field, value in METHOD_SETTINGS["taid"].items():
+        assert getattr(trainer.args, field) == value, field
+    ts = [entry["taid_t"] for entry in trainer.state.log_history if "taid_t" in entry]
+    assert ts and ts[0] == pytest.approx(METHOD_SETTINGS["taid"]["t_start"])
+    assert all(later >= earlier for earlier, later in zip(ts, ts[1:]))
+    assert trainer.schedule.t == pytest.approx(METHOD_SETTINGS["taid"]["t_end"])  # the floor reaches t_end at the end
+
+
+def test_kd_method_still_runs_with_its_settings(tmp_path):
+    out = run(parse_args(["--output_dir", str(tmp_path), "--method", "kd", "--max_steps", "4", "--train_examples",
+                          "64", "--held_out_examples", "16", "--batch_size", "16"]))
+    assert type(out["trainer"]) is DistillTrainer
+    assert out["results"]["method"] == "kd" and out["results"]["method_settings"] == METHOD_SETTINGS["kd"]
+    assert out["trainer"].args.kd_ratio == 0.5 and out["trainer"].args.divergence == "fkl"
+    assert 0.0 <= out["results"]["models"]["distilled student"]["exact_match"] <= 1.0
 
 
 def test_unknown_method_fails_fast_with_the_available_ones(tmp_path):

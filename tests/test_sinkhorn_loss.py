@@ -19,6 +19,7 @@ from llmkd.losses import (
     sinkhorn_plan,
 )
 from llmkd.losses.sinkhorn import restrict_to_teacher_top_k
+from sinkhorn_reference import reference_plan, reference_sinkhorn
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,35 +28,6 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Naive references
-# ----------------------------------------------------------------------------------------------------------------
-def reference_cost(ps, pt):
-    """W_ij = sum_v |ps[i, v] - pt[j, v]|, by explicit loops over i and j."""
-    n = ps.shape[0]
-    rows = []
-    for i in range(n):
-        rows.append(torch.stack([(ps[i] - pt[j]).abs().sum() for j in range(n)]))
-    return torch.stack(rows)
-
-
-def reference_plan(cost, eps, iterations):
-    """Plain-domain Sinkhorn with unit marginals: K = exp(-W/eps); rows then columns normalised."""
-    plan = torch.exp(-cost / eps)
-    for _ in range(iterations):
-        plan = plan / plan.sum(dim=1, keepdim=True)
-        plan = plan / plan.sum(dim=0, keepdim=True)
-    return plan
-
-
-def reference_sinkhorn(zs, zt, tau=2.0, eps=0.1, iterations=20, scale=1e-3, detach_plan=True):
-    ps = torch.softmax(zs.double() / tau, dim=-1)
-    pt = torch.softmax(zt.double() / tau, dim=-1)
-    cost = reference_cost(ps, pt)
-    plan = reference_plan(cost.detach() if detach_plan else cost, eps, iterations)
-    return scale * (plan * cost).sum()
 
 
 def logits(n, v, seed, spread=3.0, dtype=torch.float64):

@@ -6,7 +6,14 @@ import random
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -52,6 +59,44 @@ def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0
         **overrides,
     )
     return LlamaForCausalLM(config)
+
+
+def tiny_bert_classifier(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0, num_labels: int = 2,
+                         **overrides) -> BertForSequenceClassification:
+    """A BERT sequence classifier with no dropout (so that forward passes are deterministic)."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=2 * hidden, max_position_embeddings=128, num_labels=num_labels, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, classifier_dropout=0.0, **overrides,
+    )
+    return BertForSequenceClassification(config)
+
+
+def tiny_llama_classifier(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0, num_labels: int = 2,
+                          pad_token_id: int = 0) -> LlamaForSequenceClassification:
+    """A decoder-based sequence classifier (scores the last non-pad token)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, num_labels=num_labels,
+        pad_token_id=pad_token_id,
+    )
+    return LlamaForSequenceClassification(config)
+
+
+def classification_rows(n: int = 32, seed: int = 0) -> list[dict]:
+    """GLUE-style single-sentence rows: label 1 when the sentence mentions an animal, else 0."""
+    rng = random.Random(seed)
+    words = "the sat on mat red blue green one two three".split()
+    rows = []
+    for _ in range(n):
+        sentence = [rng.choice(words) for _ in range(rng.randint(3, 8))]
+        label = rng.random() < 0.5
+        if label:
+            sentence.insert(rng.randrange(len(sentence) + 1), rng.choice(["cat", "dog"]))
+        rows.append({"sentence": " ".join(sentence), "label": int(label), "idx": len(rows)})
+    return rows
 
 
 def prompt_completion_rows(n: int = 32, seed: int = 0) -> list[dict]:

@@ -15,7 +15,8 @@ def plot_loss_curves(
 ) -> list[str]:
     """Write ``training_loss.png`` (each student's training objective) and ``cross_entropy.png`` (both students'
     cross-entropy on the training labels, which is comparable between them, and the distilled student's divergence
-    to the teacher). ``*_history`` are ``trainer.state.log_history`` lists. Returns the paths written."""
+    to the teacher, or for TAID to its interpolated target). ``*_history`` are ``trainer.state.log_history`` lists.
+    Returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,7 +38,8 @@ def plot_loss_curves(
     if any("ce_loss" in entry for entry in distilled_history):
         axes.plot(*_series(distilled_history, "ce_loss"), label="distilled student: cross-entropy")
     if any("kd_loss" in entry for entry in distilled_history):
-        axes.plot(*_series(distilled_history, "kd_loss"), "--", label="distilled student: divergence to teacher")
+        target = "TAID's moving target p_t" if method == "taid" else "teacher"
+        axes.plot(*_series(distilled_history, "kd_loss"), "--", label=f"distilled student: divergence to {target}")
     axes.set(xlabel="step", ylabel="per-token loss on the training rows", yscale="log",
              title="Cross-entropy on the training labels")
     axes.legend()

@@ -1,6 +1,7 @@
 """Trainers: thin transformers.Trainer subclasses wiring losses and teacher signals together."""
 
 from .base import DistillTrainer
+from .sinkd import SinKDConfig, SinKDTrainer
 from .taid import TAIDConfig, TAIDTrainer
 
-__all__ = ["DistillTrainer", "TAIDConfig", "TAIDTrainer"]
+__all__ = ["DistillTrainer", "SinKDConfig", "SinKDTrainer", "TAIDConfig", "TAIDTrainer"]

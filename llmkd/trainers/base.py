@@ -6,12 +6,19 @@ its output head replaced by the chunked engine (:mod:`llmkd.heads`), which compu
 the optimizer step (``num_items_in_batch``), so that gradient accumulation and data parallelism give the same
 gradient as one large batch.
 
-Method trainers (TAID, SinKD LM mode, MoE mimic) subclass this and override the small hooks
-:meth:`DistillTrainer.token_loss_fn`, :meth:`DistillTrainer.loss_weights` and :meth:`DistillTrainer.extra_loss`.
+Sequence classifiers (``task="sequence_classification"``, detected from the student) are distilled per example:
+``(1 - kd_ratio) * CE + kd_ratio * divergence`` over the (B, C) class logits, divided by the step's global
+example count.
+
+Method trainers (TAID, SinKD, MoE mimic) subclass this and override the small hooks
+:meth:`DistillTrainer.token_loss_fn`, :meth:`DistillTrainer.loss_weights`, :meth:`DistillTrainer.block_loss_fn`
+(a loss coupling the tokens, or examples, of a block, e.g. SinKD's Sinkhorn term), :meth:`DistillTrainer.loss_blocks`
+and :meth:`DistillTrainer.extra_loss`.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import defaultdict
 from typing import Any
@@ -19,13 +26,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, Trainer
+from transformers import DataCollatorWithPadding, PreTrainedModel, Trainer
 
 from ..config import DistillConfig
 from ..data import DistillDataCollator, prepare_dataset
+from ..data.classification import prepare_classification_dataset
 from ..data.sources import load_dataset_splits
-from ..heads import intercept_head, logit_transform_for, output_head, verify_head_reproduction
+from ..heads import intercept_head, logit_transform_for, output_head, unwrap_model, verify_head_reproduction
 from ..loading import (
+    detect_task,
     init_causal_lm_from_config,
     load_causal_lm,
     load_processing_class,
@@ -34,12 +43,20 @@ from ..loading import (
     tokenizer_of,
 )
 from ..losses import chunked_distillation_loss, get_divergence
-from ..teacher import aligned_vocab_size, gathered_head_parameters, prepare_teacher
+from ..losses.chunked import dense_block_loss
+from ..teacher import (
+    aligned_vocab_size,
+    check_label_spaces,
+    check_same_tokenizer,
+    gathered_head_parameters,
+    prepare_teacher,
+)
 
 logger = logging.getLogger(__name__)
 
 # Batch fields that describe images and must reach student and teacher unchanged.
 IMAGE_FIELDS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_attention_mask")
+METRIC_KEYS = ("kd", "ce", "teacher_ce", "block", "tokens")
 
 
 class DistillTrainer(Trainer):
@@ -79,10 +96,22 @@ class DistillTrainer(Trainer):
             args = self.config_class(output_dir="llmkd_output")
         if not isinstance(args, DistillConfig):
             raise TypeError(f"args must be a DistillConfig (or a method's config), got {type(args).__name__}.")
-        model, processing_class = self._student(model, args, processing_class)
-        teacher_model, teacher_processing_class = self._teacher(teacher_model, args, teacher_processing_class)
+        self.task = self._resolve_task(model, args)
+        model, processing_class = self._student(model, args, processing_class, self.task)
+        teacher_model, teacher_processing_class = self._teacher(
+            teacher_model, args, teacher_processing_class, self.task
+        )
         tokenizer = tokenizer_of(processing_class)
-        self.vocab_size = aligned_vocab_size(model, teacher_model, tokenizer, teacher_processing_class)
+        if self.is_classification:
+            check_same_tokenizer(tokenizer, teacher_processing_class)
+            self.num_labels = check_label_spaces(model, teacher_model)
+            self._models_take_token_type_ids = all(
+                "token_type_ids" in inspect.signature(unwrap_model(m).forward).parameters
+                for m in (model, teacher_model)
+            )
+            self.vocab_size = None
+        else:
+            self.vocab_size = aligned_vocab_size(model, teacher_model, tokenizer, teacher_processing_class)
 
         if peft_config is None and args.use_peft:
             peft_config = self._lora_config(args)
@@ -94,12 +123,14 @@ class DistillTrainer(Trainer):
         train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
         eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
         if data_collator is None:
-            data_collator = DistillDataCollator(pad_token_id=self._pad_token_id(tokenizer))
+            data_collator = (DataCollatorWithPadding(tokenizer) if self.is_classification
+                             else DistillDataCollator(pad_token_id=self._pad_token_id(tokenizer)))
 
-        self.student_transform = logit_transform_for(model)
-        self.teacher_transform = logit_transform_for(teacher_model)
-        if args.use_chunked_loss and args.verify_logit_head:
-            self._verify_heads(model, teacher_model, train_dataset)
+        if not self.is_classification:
+            self.student_transform = logit_transform_for(model)
+            self.teacher_transform = logit_transform_for(teacher_model)
+            if args.use_chunked_loss and args.verify_logit_head:
+                self._verify_heads(model, teacher_model, train_dataset)
 
         super().__init__(
             model=model,
@@ -123,8 +154,19 @@ class DistillTrainer(Trainer):
         self._metric_sums = {True: defaultdict(float), False: defaultdict(float)}
 
     # ------------------------------------------------------------------------------------------------ set-up
+    @property
+    def is_classification(self) -> bool:
+        return self.task == "sequence_classification"
+
     @staticmethod
-    def _student(model, args: DistillConfig, processing_class):
+    def _resolve_task(model, args: DistillConfig) -> str:
+        if args.task != "auto":
+            return args.task
+        model = model if model is not None else args.model_name_or_path
+        return detect_task(model, revision=args.model_revision, trust_remote_code=args.trust_remote_code)
+
+    @staticmethod
+    def _student(model, args: DistillConfig, processing_class, task: str = "causal_lm"):
         model = model if model is not None else args.model_name_or_path
         if model is None:
             raise ValueError("No student: pass model=... or set model_name_or_path in the config/recipe.")
@@ -136,19 +178,19 @@ class DistillTrainer(Trainer):
             if args.init_student_from_config:
                 model = init_causal_lm_from_config(
                     model, seed=args.seed, dtype=args.student_dtype, revision=args.model_revision,
-                    trust_remote_code=args.trust_remote_code,
+                    trust_remote_code=args.trust_remote_code, task=task,
                 )
             else:
                 model = load_causal_lm(
                     model, role="student", dtype=args.student_dtype, revision=args.model_revision,
-                    trust_remote_code=args.trust_remote_code,
+                    trust_remote_code=args.trust_remote_code, task=task,
                 )
         if processing_class is None:
             raise ValueError("The student was given as a model object: pass its tokenizer as processing_class=...")
         return model, processing_class
 
     @staticmethod
-    def _teacher(teacher, args: DistillConfig, teacher_processing_class):
+    def _teacher(teacher, args: DistillConfig, teacher_processing_class, task: str = "causal_lm"):
         teacher = teacher if teacher is not None else args.teacher_model_name_or_path
         if teacher is None:
             raise ValueError(
@@ -165,17 +207,18 @@ class DistillTrainer(Trainer):
             )
             teacher = load_causal_lm(
                 teacher, role="teacher", dtype=args.teacher_dtype, revision=args.teacher_revision,
-                trust_remote_code=args.trust_remote_code, quantization=quant,
+                trust_remote_code=args.trust_remote_code, quantization=quant, task=task,
             )
         return teacher, teacher_processing_class
 
-    @staticmethod
-    def _lora_config(args: DistillConfig):
+    def _lora_config(self, args: DistillConfig):
         from peft import LoraConfig
 
+        # a classifier's new head is trained in full next to the adapters (peft's SEQ_CLS task does that)
         return LoraConfig(
             r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-            target_modules=args.lora_target_modules or "all-linear", task_type="CAUSAL_LM",
+            target_modules=args.lora_target_modules or "all-linear",
+            task_type="SEQ_CLS" if self.is_classification else "CAUSAL_LM",
         )
 
     @staticmethod
@@ -193,10 +236,15 @@ class DistillTrainer(Trainer):
             raise ValueError("The tokenizer has neither a pad token nor an eos token: set tokenizer.pad_token first.")
         return pad
 
-    @staticmethod
-    def _prepare(dataset, tokenizer, args: DistillConfig, split: str):
+    def _prepare(self, dataset, tokenizer, args: DistillConfig, split: str):
         if dataset is None:
             return None
+        if self.is_classification:
+            prepared = prepare_classification_dataset(dataset, tokenizer, max_length=args.max_length,
+                                                      num_labels=self.num_labels, num_proc=args.dataset_num_proc)
+            if "token_type_ids" in prepared.column_names and not self._models_take_token_type_ids:
+                prepared = prepared.remove_columns("token_type_ids")  # e.g. a Llama classifier has no segments
+            return prepared
         columns = getattr(dataset, "column_names", None) or (list(dataset[0].keys()) if len(dataset) else [])
         return prepare_dataset(
             dataset, tokenizer, max_length=args.max_length, completion_only_loss=args.completion_only_loss,
@@ -227,34 +275,32 @@ class DistillTrainer(Trainer):
         """(weight of the token loss, weight of the student's CE)."""
         return self.args.kd_ratio, 1.0 - self.args.kd_ratio
 
+    def block_loss_fn(self):
+        """``(block_loss, weight)`` or None (default). ``block_loss(student_logits (n, V), teacher_logits (n, V))``
+        returns a scalar over the n points of one block (tokens of a range of :meth:`loss_blocks`, or the examples
+        of a classifier's micro-batch); the sum over blocks, times ``weight``, is divided by the step's point count
+        like the token terms."""
+        return None
+
+    #: the name the block loss's mean is logged under
+    block_loss_name = "block_loss"
+
+    def loss_blocks(self, valid: torch.Tensor) -> list[tuple[int, int]] | None:
+        """The ranges of the N valid tokens (``valid``: ``(B, S-1)`` bool, flattened row-major) that form the
+        chunked engine's chunks and the block loss's blocks; None (default): chunks of ``loss_chunk_size``."""
+        return None
+
     def extra_loss(self, model, student_outputs, inputs) -> torch.Tensor | None:
         """An extra loss added to the distillation loss (e.g. an MoE load-balancing loss). None by default."""
         return None
 
     # ------------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        model_inputs["use_cache"] = False
-        shift_labels = labels[:, 1:]
-        valid = shift_labels != -100  # (B, S-1)
-        target_ids = shift_labels[valid]  # (N,)
-        normalizer = num_items_in_batch if num_items_in_batch is not None else valid.sum()
-
-        teacher_hidden = self._teacher_hidden_states(model_inputs, valid)  # (N, H_t)
-        kd_weight, ce_weight = self.loss_weights()
-        token_loss = self.token_loss_fn()
         record: dict[str, Any] = {}
-
-        if self.args.use_chunked_loss:
-            outputs, loss = self._chunked_student_loss(
-                model, model_inputs, valid, target_ids, teacher_hidden, token_loss, kd_weight, ce_weight,
-                normalizer, record,
-            )
+        if self.is_classification:
+            outputs, loss = self._classification_loss(model, inputs, num_items_in_batch, record)
         else:
-            outputs, loss = self._dense_student_loss(
-                model, model_inputs, valid, target_ids, token_loss, kd_weight, ce_weight, normalizer, record
-            )
+            outputs, loss = self._language_model_loss(model, inputs, num_items_in_batch, record)
         extra = self.extra_loss(model, outputs, inputs)
         if extra is not None:
             loss = loss + extra
@@ -265,25 +311,65 @@ class DistillTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def _language_model_loss(self, model, inputs, num_items_in_batch, record):
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs["use_cache"] = False
+        shift_labels = labels[:, 1:]
+        valid = shift_labels != -100  # (B, S-1)
+        target_ids = shift_labels[valid]  # (N,)
+        normalizer = num_items_in_batch if num_items_in_batch is not None else valid.sum()
+
+        teacher_hidden = self._teacher_hidden_states(model_inputs, valid)  # (N, H_t)
+        terms = _LossTerms(self.token_loss_fn(), *self.loss_weights(), self.block_loss_fn(), self.loss_blocks(valid))
+        if self.args.use_chunked_loss:
+            return self._chunked_student_loss(model, model_inputs, valid, target_ids, teacher_hidden, terms,
+                                              normalizer, record)
+        return self._dense_student_loss(model, model_inputs, valid, target_ids, terms, normalizer, record)
+
+    def _classification_loss(self, model, inputs, num_items_in_batch, record):
+        """Per-example distillation of a sequence classifier: logits ``(B, C)``, labels ``(B,)``."""
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad():
+            teacher_logits = self.teacher(**model_inputs).logits.float()  # (B, C)
+        outputs = model(**model_inputs)
+        student_logits = outputs.logits.float()  # (B, C)
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                             f"{tuple(teacher_logits.shape)} differ in shape.")
+        normalizer = num_items_in_batch if num_items_in_batch is not None else labels.numel()
+        terms = _LossTerms(self.token_loss_fn(), *self.loss_weights(), self.block_loss_fn(), None)
+        kd = terms.token_loss(student_logits, teacher_logits).sum()
+        ce = F.cross_entropy(student_logits, labels, reduction="sum")
+        block = dense_block_loss(student_logits, teacher_logits, terms.block_loss, None)
+        total = terms.kd_weight * kd + terms.ce_weight * ce + terms.block_weight * block
+        with torch.no_grad():
+            teacher_ce = F.cross_entropy(teacher_logits, labels, reduction="sum")
+        record.update(kd=kd.detach(), ce=ce.detach(), teacher_ce=teacher_ce, block=block.detach(),
+                      tokens=float(labels.numel()))
+        return outputs, total / _clamped_normalizer(normalizer, total.device)
+
     @torch.no_grad()
     def _teacher_hidden_states(self, model_inputs, valid) -> torch.Tensor:
         with intercept_head(self.teacher, lambda hidden_states: hidden_states):
             hidden = self.teacher(**model_inputs).logits  # (B, S, H_t): the head was replaced by identity
         return hidden[:, :-1][valid]
 
-    def _chunked_student_loss(self, model, model_inputs, valid, target_ids, teacher_hidden, token_loss, kd_weight,
-                              ce_weight, normalizer, record):
+    def _chunked_student_loss(self, model, model_inputs, valid, target_ids, teacher_hidden, terms, normalizer,
+                              record):
         head = output_head(model)
 
         def distill_head(hidden_states: torch.Tensor) -> torch.Tensor:
             student_hidden = hidden_states[:, :-1][valid]  # (N, H_s)
             with gathered_head_parameters(self.teacher) as (teacher_weight, teacher_bias):
                 result = chunked_distillation_loss(
-                    student_hidden, head.weight, teacher_hidden, teacher_weight, target_ids, token_loss,
-                    kd_weight=kd_weight, ce_weight=ce_weight, normalizer=normalizer,
+                    student_hidden, head.weight, teacher_hidden, teacher_weight, target_ids, terms.token_loss,
+                    kd_weight=terms.kd_weight, ce_weight=terms.ce_weight, normalizer=normalizer,
                     chunk_size=self.args.loss_chunk_size, student_bias=getattr(head, "bias", None),
                     teacher_bias=teacher_bias, student_transform=self.student_transform,
                     teacher_transform=self.teacher_transform, vocab_size=self.vocab_size,
+                    block_loss=terms.block_loss, block_weight=terms.block_weight, chunk_bounds=terms.blocks,
                 )
             record["result"] = result
             return result.loss
@@ -297,31 +383,30 @@ class DistillTrainer(Trainer):
                 f"{type(model).__name__} changed the output of its head after the head ran; llmkd's chunked path "
                 "cannot reproduce that. Set use_chunked_loss=False."
             )
-        record.update(kd=result.kd_sum, ce=result.ce_sum, teacher_ce=result.teacher_ce_sum,
+        record.update(kd=result.kd_sum, ce=result.ce_sum, teacher_ce=result.teacher_ce_sum, block=result.block_sum,
                       tokens=float(result.num_tokens))
         return outputs, loss.reshape(())
 
-    def _dense_student_loss(self, model, model_inputs, valid, target_ids, token_loss, kd_weight, ce_weight,
-                            normalizer, record):
+    def _dense_student_loss(self, model, model_inputs, valid, target_ids, terms, normalizer, record):
         outputs = model(**model_inputs)
         student_logits = outputs.logits[:, :-1][valid][:, : self.vocab_size].float()  # (N, V)
         with torch.no_grad():
             teacher_logits = self.teacher(**model_inputs).logits[:, :-1][valid][:, : self.vocab_size].float()
-        kd = token_loss(student_logits, teacher_logits).sum()
+        kd = terms.token_loss(student_logits, teacher_logits).sum()
         ce = F.cross_entropy(student_logits, target_ids, reduction="sum")
-        if isinstance(normalizer, torch.Tensor):
-            normalizer = normalizer.to(kd.device, torch.float32).clamp_min(1)
-        loss = (kd_weight * kd + ce_weight * ce) / normalizer
+        block = dense_block_loss(student_logits, teacher_logits, terms.block_loss, terms.blocks)
+        total = terms.kd_weight * kd + terms.ce_weight * ce + terms.block_weight * block
         with torch.no_grad():
             teacher_ce = F.cross_entropy(teacher_logits, target_ids, reduction="sum")
-        record.update(kd=kd.detach(), ce=ce.detach(), teacher_ce=teacher_ce, tokens=float(target_ids.numel()))
-        return outputs, loss
+        record.update(kd=kd.detach(), ce=ce.detach(), teacher_ce=teacher_ce, block=block.detach(),
+                      tokens=float(target_ids.numel()))
+        return outputs, total / _clamped_normalizer(normalizer, total.device)
 
     # ---------------------------------------------------------------------------------------------- logging
     def _accumulate_metrics(self, record, training: bool) -> None:
         # kept as device tensors: no host synchronisation per micro-batch
         sums = self._metric_sums[training]
-        for key in ("kd", "ce", "teacher_ce", "tokens"):
+        for key in METRIC_KEYS:
             value = record[key]
             value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
             sums[key] = sums[key] + value
@@ -330,14 +415,15 @@ class DistillTrainer(Trainer):
         sums = self._metric_sums[training]
         if not sums:
             return {}
-        keys = ("kd", "ce", "teacher_ce", "tokens")
         totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64).to(self.accelerator.device)
-                              for k in keys])
+                              for k in METRIC_KEYS])
         totals = self.accelerator.reduce(totals, reduction="sum") if self.accelerator.num_processes > 1 else totals
         sums.clear()
-        tokens = max(totals[3].item(), 1.0)
-        return {"kd_loss": totals[0].item() / tokens, "ce_loss": totals[1].item() / tokens,
-                "teacher_ce_loss": totals[2].item() / tokens}
+        means = dict(zip(METRIC_KEYS, (totals / max(totals[-1].item(), 1.0)).tolist()))
+        metrics = {"kd_loss": means["kd"], "ce_loss": means["ce"], "teacher_ce_loss": means["teacher_ce"]}
+        if self.block_loss_fn() is not None:
+            metrics[self.block_loss_name] = means["block"]
+        return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         training = not any(key.startswith("eval_") for key in logs)
@@ -352,3 +438,21 @@ class DistillTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+
+class _LossTerms:
+    """The loss of one step as the hooks define it (token loss, weights, block loss and its blocks)."""
+
+    def __init__(self, token_loss, kd_weight: float, ce_weight: float, block=None, blocks=None):
+        self.token_loss = token_loss
+        self.kd_weight = float(kd_weight)
+        self.ce_weight = float(ce_weight)
+        self.block_loss, self.block_weight = block if block is not None else (None, 0.0)
+        self.blocks = blocks
+
+
+def _clamped_normalizer(normalizer, device) -> torch.Tensor | float:
+    """The step's point count, at least 1 (a step with no valid point gives a zero loss, not 0/0)."""
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer.to(device, torch.float32).clamp_min(1)
+    return max(float(normalizer), 1.0)

@@ -140,6 +140,7 @@ def trainer_for(student, teacher, num_processes: int) -> DistillTrainer:
     trainer.args = SimpleNamespace(kd_ratio=KD_RATIO, use_chunked_loss=True, loss_chunk_size=CHUNK,
                                    average_tokens_across_devices=True)
     trainer.teacher = teacher
+    trainer.task = "causal_lm"
     trainer.divergence = get_divergence("fkl", temperature=TEMPERATURE)
     trainer.student_transform = logit_transform_for(student)
     trainer.teacher_transform = logit_transform_for(teacher)
