@@ -1,4 +1,5 @@
-"""Per-rank script of tests/test_distributed.py: one DistillTrainer run, its facts written as files.
+"""Per-rank script of tests/test_distributed.py (and test_sinkd_distributed.py with ``--method sinkd``): one
+DistillTrainer (or SinKDTrainer) run, its facts written as files.
 
 Run by :func:`distributed.launcher.launch` (2 processes, ``--mode ddp|zero2|zero3``) or
 :func:`distributed.launcher.run_single` (``--mode single``). Every run trains the same tiny student (Llama 2x32)
@@ -35,7 +36,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (utils.py)
 from utils import make_tokenizer, tiny_llama  # noqa: E402
 
-from llmkd import DistillConfig, DistillTrainer  # noqa: E402
+from llmkd import DistillConfig, DistillTrainer, SinKDConfig, SinKDTrainer  # noqa: E402
 from llmkd.heads import unwrap_model  # noqa: E402
 
 OUT = Path(os.environ.get("LLMKD_TEST_OUT") or tempfile.mkdtemp(prefix="llmkd_worker_"))
@@ -130,8 +131,8 @@ class Step1Snapshot(TrainerCallback):
                 torch.save(weights, OUT / f"{self.tag}.step1.pt")
 
 
-class RecordingTrainer(DistillTrainer):
-    """DistillTrainer that records, per micro-batch, the local token count, num_items_in_batch and the loss."""
+class Recording:
+    """Mixin for a trainer: records, per micro-batch, the local token count, num_items_in_batch and the loss."""
 
     micro = None
 
@@ -147,13 +148,32 @@ class RecordingTrainer(DistillTrainer):
         return result
 
 
-def train(tag: str, mode: str, batch: int, accumulation: int, steps: int, lr: float, save: bool) -> None:
+class RecordingTrainer(Recording, DistillTrainer):
+    pass
+
+
+class RecordingSinKDTrainer(Recording, SinKDTrainer):
+    pass
+
+
+# --method: (config class, trainer class, method-specific config fields)
+METHODS = {
+    "kd": (DistillConfig, RecordingTrainer, dict(loss_chunk_size=7, kd_ratio=0.5, divergence="fkl")),
+    # Sinkhorn blocks of at most 7 tokens: every micro-batch holds several transport problems, and the 10 + 45
+    # tokens of the two halves group differently in one micro-batch of 8 rows than in two of 4
+    "sinkd": (SinKDConfig, RecordingSinKDTrainer, dict(sinkhorn_block=7, sinkhorn_scale=0.05)),
+}
+
+
+def train(tag: str, mode: str, batch: int, accumulation: int, steps: int, lr: float, save: bool,
+          method: str = "kd") -> None:
     tokenizer = make_tokenizer()
     student = tiny_llama(len(tokenizer), hidden=32, layers=2, seed=1)
     teacher = tiny_llama(len(tokenizer) + 7, hidden=48, layers=2, seed=2)
     init = {name: p.detach().clone() for name, p in student.named_parameters()}
 
-    args = DistillConfig(
+    config_class, trainer_class, method_fields = METHODS[method]
+    args = config_class(
         output_dir=str(OUT / f"{tag}.trainer"),
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation,
@@ -172,13 +192,11 @@ def train(tag: str, mode: str, batch: int, accumulation: int, steps: int, lr: fl
         disable_tqdm=True,
         dataloader_num_workers=0,
         use_chunked_loss=True,
-        loss_chunk_size=7,
-        kd_ratio=0.5,
-        divergence="fkl",
+        **method_fields,
         deepspeed=deepspeed_config(3 if mode == "zero3" else 2) if mode in ("zero2", "zero3") else None,
     )
     snapshot = Step1Snapshot(tag)
-    trainer = RecordingTrainer(
+    trainer = trainer_class(
         model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows()),
         processing_class=tokenizer, callbacks=[snapshot],
     )
@@ -219,11 +237,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1.0)
     parser.add_argument("--save", action="store_true")
+    parser.add_argument("--method", choices=sorted(METHODS), default="kd")
     options = parser.parse_args()
     for layout in options.runs.split(","):
         batch, accumulation = (int(x) for x in layout.split("x"))
-        tag = f"{options.mode}_{batch}x{accumulation}"
-        train(tag, options.mode, batch, accumulation, options.steps, options.lr, options.save)
+        prefix = "" if options.method == "kd" else f"{options.method}_"
+        tag = f"{prefix}{options.mode}_{batch}x{accumulation}"
+        train(tag, options.mode, batch, accumulation, options.steps, options.lr, options.save, options.method)
 
 
 if __name__ == "__main__":
