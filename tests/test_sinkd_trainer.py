@@ -108,12 +108,18 @@ def test_classifier_learns_and_round_trips(tmp_path, tokenizer, classification_d
     before = {k: v.clone() for k, v in student.state_dict().items()}
     args = _config(tmp_path, max_steps=24, learning_rate=1e-2, lr_scheduler_type="constant")
     trainer = SinKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=classification_data,
-                           processing_class=tokenizer)
+                           eval_dataset=classification_data, processing_class=tokenizer)
     kl_before = _dataset_kl(student, teacher, trainer)
     trainer.train()
     logs = [e for e in trainer.state.log_history if "kd_loss" in e]
     assert len(logs) == 24 and all(e["sinkhorn_loss"] > 0 for e in logs)
     assert _dataset_kl(student, teacher, trainer) < 0.3 * kl_before
+    metrics = trainer.evaluate()  # accuracy by default for classifiers, beside the distillation terms
+    everything = trainer.data_collator([trainer.eval_dataset[i] for i in range(len(trainer.eval_dataset))])
+    with torch.no_grad():
+        predictions = student.eval()(**{k: v for k, v in everything.items() if k != "labels"}).logits.argmax(-1)
+    assert metrics["eval_accuracy"] == pytest.approx((predictions == everything["labels"]).float().mean().item())
+    assert metrics["eval_sinkhorn_loss"] > 0 and metrics["eval_kd_loss"] > 0
     assert all(not torch.equal(v, before[k]) for k, v in student.state_dict().items() if "classifier" in k)
     trainer.save_model(str(tmp_path / "student"))
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "student"))

@@ -23,10 +23,11 @@ import logging
 from collections import defaultdict
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DataCollatorWithPadding, PreTrainedModel, Trainer
+from transformers import DataCollatorWithPadding, EvalPrediction, PreTrainedModel, Trainer
 
 from ..config import DistillConfig
 from ..data import DistillDataCollator, prepare_dataset
@@ -141,6 +142,8 @@ class DistillTrainer(Trainer):
             processing_class=processing_class,
             callbacks=callbacks,
             optimizers=optimizers,
+            compute_metrics=kwargs.pop("compute_metrics", None) or (
+                classification_accuracy if self.is_classification else None),
             **kwargs,
         )
         # Our loss is always divided by the step's global token count: let the Trainer count it and not rescale.
@@ -434,10 +437,21 @@ class DistillTrainer(Trainer):
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The distillation loss; for classifiers also the student's (B, C) logits and the labels, so that
+        ``compute_metrics`` (accuracy by default) sees predictions. LM evaluation is loss-only (no (N x V) logits
+        are kept; use llmkd's lm-eval integration for generation benchmarks)."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if self.is_classification and not prediction_loss_only:
+            return loss.detach(), outputs.logits.detach(), inputs["labels"]
         return loss.detach(), None, None
+
+
+def classification_accuracy(prediction: EvalPrediction) -> dict[str, float]:
+    """The default ``compute_metrics`` of classifiers: accuracy of the argmax of the student's logits."""
+    logits, labels = prediction.predictions, prediction.label_ids
+    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
 
 
 class _LossTerms:
