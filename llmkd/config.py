@@ -36,6 +36,13 @@ class DistillConfig(TrainingArguments):
         teacher_load_in_4bit / teacher_load_in_8bit: load the teacher quantized with bitsandbytes
             (4-bit uses ``teacher_bnb_4bit_quant_type``, default ``nf4``).
 
+    Parameters of the offline teacher (a top-k teacher-logit cache, :mod:`llmkd.cache`):
+        teacher_cache: train from this cache (written by ``llmkd cache-teacher``) instead of running the teacher.
+        cache_top_k: tokens kept per position when writing a cache (64).
+        cache_temperature: the temperature of the cached log-probabilities (1.0); training from a cache needs the
+            same ``temperature``.
+        cache_shard_rows: dataset rows per cache shard (1024).
+
     Parameters that control the loss:
         divergence: ``fkl`` (forward KL, Hinton KD), ``rkl``, ``jsd``, ``skew_fkl``, ``skew_rkl`` or ``tvd``.
         temperature: softens both distributions; the divergence is multiplied by ``T^2``.
@@ -76,6 +83,11 @@ class DistillConfig(TrainingArguments):
     teacher_load_in_4bit: bool = field(default=False, metadata={"help": "Load the teacher in 4 bits (bitsandbytes)."})
     teacher_load_in_8bit: bool = field(default=False, metadata={"help": "Load the teacher in 8 bits (bitsandbytes)."})
     teacher_bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit quantization type (nf4/fp4)."})
+    # offline teacher cache
+    teacher_cache: str | None = field(default=None, metadata={"help": "Train from this teacher-logit cache."})
+    cache_top_k: int = field(default=64, metadata={"help": "Top-k tokens per position when writing a cache."})
+    cache_temperature: float = field(default=1.0, metadata={"help": "Temperature of the cached log-probs."})
+    cache_shard_rows: int = field(default=1024, metadata={"help": "Dataset rows per cache shard."})
     # loss
     divergence: str = field(default="fkl", metadata={"help": "fkl, rkl, jsd, skew_fkl, skew_rkl or tvd."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature (loss scaled by T^2)."})
@@ -116,6 +128,10 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}.")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.cache_top_k < 1 or self.cache_shard_rows < 1:
+            raise ValueError("cache_top_k and cache_shard_rows must be >= 1.")
+        if self.cache_temperature <= 0:
+            raise ValueError(f"cache_temperature must be > 0, got {self.cache_temperature}.")
         if self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}.")
         if self.teacher_load_in_4bit and self.teacher_load_in_8bit:
