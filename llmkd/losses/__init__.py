@@ -23,6 +23,7 @@ from .divergences import (
 )
 from .reduction import reduce_token_losses
 from .registry import Divergence, get_divergence
+from .sparse_teacher import SparseTeacher
 from .sinkhorn import SinkhornTerm, sinkhorn_blocks, sinkhorn_loss, sinkhorn_plan
 from .taid import TAIDSchedule, TAIDTokenLoss, taid_loss
 
@@ -40,6 +41,7 @@ __all__ = [
     "skew_forward_kl",
     "skew_reverse_kl",
     "SinkhornTerm",
+    "SparseTeacher",
     "sinkhorn_blocks",
     "sinkhorn_loss",
     "sinkhorn_plan",

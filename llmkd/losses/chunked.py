@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .sparse_teacher import SparseTeacher
+
 TokenLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BlockLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (n, V), (n, V) -> scalar
 
@@ -106,9 +108,19 @@ def _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, 
 
 
 def _teacher_ce(teacher_logits, labels):
+    if isinstance(teacher_logits, SparseTeacher):
+        return teacher_logits.cross_entropy_sum(labels)
     if labels is None:
         return teacher_logits.new_zeros(())
     return F.cross_entropy(teacher_logits, labels, reduction="sum", ignore_index=-100)
+
+
+def _teacher_chunk(teacher, teacher_weight, teacher_bias, transform, vocab_size, start, end):
+    """The teacher's targets for tokens ``[start, end)``: logits ``(n, V)`` projected from hidden states, or the
+    rows of a :class:`~llmkd.losses.sparse_teacher.SparseTeacher` (a cached top-k teacher)."""
+    if isinstance(teacher, SparseTeacher):
+        return teacher[start:end]
+    return project(teacher[start:end], teacher_weight, teacher_bias, transform, vocab_size)
 
 
 class _ChunkedDistillationFunction(torch.autograd.Function):
@@ -133,7 +145,8 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
         for start, end in bounds:
             chunk_labels = None if labels is None else labels[start:end]
             with torch.no_grad():
-                teacher_logits = project(teacher_hidden[start:end], teacher_weight, teacher_bias, t_post, vocab_size)
+                teacher_logits = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, t_post, vocab_size,
+                                                start, end)
                 totals[3] += _teacher_ce(teacher_logits, chunk_labels)
             hidden_leaf = student_hidden[start:end].detach().requires_grad_(need_hidden_grad)
             with torch.enable_grad():
@@ -186,6 +199,14 @@ def _clamped(normalizer, device):
     return max(float(normalizer), 1.0)
 
 
+def _default_vocab_size(vocab_size, student_weight, teacher, teacher_weight) -> int:
+    if vocab_size is not None:
+        return int(vocab_size)
+    if isinstance(teacher, SparseTeacher):
+        return teacher.vocab_size
+    return min(student_weight.shape[0], teacher_weight.shape[0])
+
+
 def _chunk_ranges(n_tokens: int, chunk_size: int | None, chunk_bounds) -> list[tuple[int, int]]:
     """The engine's chunks: the caller's ``chunk_bounds`` (checked to tile ``range(N)`` in order) or fixed-size."""
     if chunk_bounds is None:
@@ -206,6 +227,16 @@ def _chunk_ranges(n_tokens: int, chunk_size: int | None, chunk_bounds) -> list[t
 
 
 def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, vocab_size):
+    if isinstance(teacher_hidden, SparseTeacher):
+        if teacher_hidden.num_tokens != student_hidden.shape[0]:
+            raise ValueError(f"student has {student_hidden.shape[0]} tokens but the cached teacher has "
+                             f"{teacher_hidden.num_tokens}: both must be the same valid positions of the same batch.")
+        if vocab_size != teacher_hidden.vocab_size or vocab_size > student_weight.shape[0]:
+            raise ValueError(f"vocab_size={vocab_size} must equal the cache's vocabulary ({teacher_hidden.vocab_size})"
+                             f" and fit the student's head ({student_weight.shape[0]} rows).")
+        if labels is not None and labels.shape != student_hidden.shape[:1]:
+            raise ValueError(f"labels must have shape (N,) = ({student_hidden.shape[0]},), got {tuple(labels.shape)}.")
+        return
     if student_hidden.dim() != 2 or teacher_hidden.dim() != 2:
         raise ValueError(
             "the chunked engine takes the hidden states of the valid tokens only, shaped (N, hidden): got "
@@ -251,7 +282,9 @@ def chunked_distillation_loss(
     Args:
         student_hidden: ``(N, H_s)`` final hidden states of the student at the valid positions (grad flows here).
         student_weight: ``(V_s, H_s)`` the student's output head (grad flows here if it requires grad).
-        teacher_hidden: ``(N, H_t)`` the teacher's final hidden states at the same positions (no grad).
+        teacher_hidden: ``(N, H_t)`` the teacher's final hidden states at the same positions (no grad), or a
+            :class:`~llmkd.losses.sparse_teacher.SparseTeacher` of N tokens (a cached top-k teacher; then
+            ``teacher_weight`` is None).
         teacher_weight: ``(V_t, H_t)`` the teacher's output head.
         labels: ``(N,)`` next-token ids (for CE and the teacher-CE metric) or None.
         token_loss: ``(student_logits (n, V), teacher_logits (n, V)) -> (n,)`` float32, e.g. a
@@ -268,8 +301,7 @@ def chunked_distillation_loss(
     Returns:
         :class:`DistillationLossOutput`.
     """
-    if vocab_size is None:
-        vocab_size = min(student_weight.shape[0], teacher_weight.shape[0])
+    vocab_size = _default_vocab_size(vocab_size, student_weight, teacher_hidden, teacher_weight)
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, vocab_size)
     n_tokens = student_hidden.shape[0]
     bounds = _chunk_ranges(n_tokens, chunk_size, chunk_bounds)
@@ -278,8 +310,10 @@ def chunked_distillation_loss(
     normalizer = _clamped(normalizer, student_hidden.device)
     spec = (token_loss, float(kd_weight), float(ce_weight), normalizer, bounds, student_transform,
             teacher_transform, int(vocab_size), block_loss, float(block_weight))
+    if not isinstance(teacher_hidden, SparseTeacher):
+        teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
     loss, metrics = _ChunkedDistillationFunction.apply(
-        student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
         None if teacher_bias is None else teacher_bias.detach(), labels, spec,
     )
     return DistillationLossOutput(loss, metrics[0], metrics[1], metrics[2], n_tokens, block_sum=metrics[3])
@@ -310,15 +344,15 @@ def dense_distillation_loss(
 
     The block loss (if any) is evaluated on each range of ``chunk_bounds`` (default: one block of all N tokens).
     """
-    if vocab_size is None:
-        vocab_size = min(student_weight.shape[0], teacher_weight.shape[0])
+    vocab_size = _default_vocab_size(vocab_size, student_weight, teacher_hidden, teacher_weight)
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, vocab_size)
     n_tokens = student_hidden.shape[0]
     if normalizer is None:
         normalizer = max(n_tokens, 1)
     student_logits = project(student_hidden, student_weight, student_bias, student_transform, vocab_size)
     with torch.no_grad():
-        teacher_logits = project(teacher_hidden, teacher_weight, teacher_bias, teacher_transform, vocab_size)
+        teacher_logits = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_transform,
+                                        vocab_size, 0, n_tokens)
         teacher_ce = _teacher_ce(teacher_logits, labels)
     total, kd_sum, ce_sum, _ = _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, ce_weight)
     block_sum = dense_block_loss(student_logits, teacher_logits, block_loss, chunk_bounds)

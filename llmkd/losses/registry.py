@@ -22,6 +22,7 @@ from .divergences import (
     softened_log_probs,
     tvd_per_token,
 )
+from .sparse_teacher import SparseTeacher
 
 # name -> (kernel on (log_q, log_p), names of the kernel's own hyperparameters)
 DIVERGENCE_KERNELS: dict[str, tuple[Callable[..., torch.Tensor], tuple[str, ...]]] = {
@@ -55,7 +56,14 @@ class Divergence:
     params: dict[str, Any] = field(default_factory=dict)
     scale_by_t2: bool = True
 
-    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, student_logits: torch.Tensor, teacher_logits) -> torch.Tensor:
+        """``teacher_logits``: ``(N, V)``, or a cached top-k :class:`SparseTeacher` (forward KL exact on the top-k plus
+        a tail bucket; the other divergences on the uniform-tail densification, see :mod:`.sparse_teacher`)."""
+        if isinstance(teacher_logits, SparseTeacher):
+            if self.name == "fkl":
+                losses = teacher_logits.forward_kl(student_logits, self.temperature)
+                return losses * (self.temperature**2) if self.scale_by_t2 else losses
+            teacher_logits = teacher_logits.dense_logits()
         kernel, _ = DIVERGENCE_KERNELS[self.name]
         log_q = softened_log_probs(student_logits, self.temperature)
         log_p = softened_log_probs(teacher_logits, self.temperature)

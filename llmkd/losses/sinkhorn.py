@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .sparse_teacher import as_dense_logits
+
 SINKHORN_MODES = ("batch", "sequence")
 
 
@@ -151,9 +153,9 @@ class SinkhornTerm:
     detach_plan: bool = True
     top_k: int | None = None
 
-    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, student_logits: torch.Tensor, teacher_logits) -> torch.Tensor:
         value = sinkhorn_loss(
-            student_logits, teacher_logits, temperature=self.temperature, epsilon=self.epsilon,
+            student_logits, as_dense_logits(teacher_logits), temperature=self.temperature, epsilon=self.epsilon,
             iterations=self.iterations, scale=self.scale, detach_plan=self.detach_plan, top_k=self.top_k,
         )
         return value * student_logits.shape[0]

@@ -21,6 +21,7 @@ import torch
 
 from .divergences import kl_per_token
 from .reduction import reduce_token_losses
+from .sparse_teacher import as_dense_logits
 
 
 def taid_target_log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
@@ -76,8 +77,9 @@ class TAIDTokenLoss:
 
     t: float
 
-    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return taid_per_token(student_logits, teacher_logits, self.t)
+    def __call__(self, student_logits: torch.Tensor, teacher_logits) -> torch.Tensor:
+        # a cached top-k teacher enters the interpolation densified (uniform tail; see .sparse_teacher)
+        return taid_per_token(student_logits, as_dense_logits(teacher_logits), self.t)
 
 
 @dataclass
