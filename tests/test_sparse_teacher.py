@@ -85,7 +85,7 @@ def test_the_bucket_leaves_the_tail_shape_free_and_the_uniform_tail_does_not():
     sparse = top_k_of(teacher_logits, k)
     log_q = sparse.dense_log_probs().double()
     outside = torch.ones(N, V, dtype=torch.bool).scatter(1, sparse.ids, False)
-    reshaped = torch.where(outside, log_q + torch.randn(N, V, dtype=torch.float64) * 0.5, log_q)
+    reshaped = torch.where(outside, log_q + torch.randn(N, V, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), log_q)
     # renormalise the tail to its original mass
     tail_now = torch.logsumexp(reshaped.masked_fill(~outside, float("-inf")), -1)
     student = torch.where(outside, reshaped - tail_now[:, None] + sparse.tail_log_prob.double()[:, None], reshaped)
@@ -93,7 +93,7 @@ def test_the_bucket_leaves_the_tail_shape_free_and_the_uniform_tail_does_not():
     bucket = sparse.forward_kl(student, 1.0)
     uniform = get_divergence("fkl")(student, sparse.dense_logits())
     assert bucket.abs().max() < 1e-5
-    assert (uniform > 1e-3).all()
+    assert (uniform > 1e-4).all() and (uniform > 20 * bucket.abs().max()).all()
 
 
 def test_engine_on_a_cached_teacher_equals_dense_and_online_at_k_equal_v():
