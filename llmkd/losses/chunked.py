@@ -107,7 +107,8 @@ def _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, 
     return total, kd_sum, ce_sum, block_sum
 
 
-def _teacher_ce(teacher_logits, labels):
+def teacher_cross_entropy_sum(teacher_logits, labels):
+    """Sum over tokens of the teacher's cross-entropy on ``labels``: logits ``(n, V)`` or a SparseTeacher."""
     if isinstance(teacher_logits, SparseTeacher):
         return teacher_logits.cross_entropy_sum(labels)
     if labels is None:
@@ -147,7 +148,7 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
             with torch.no_grad():
                 teacher_logits = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, t_post, vocab_size,
                                                 start, end)
-                totals[3] += _teacher_ce(teacher_logits, chunk_labels)
+                totals[3] += teacher_cross_entropy_sum(teacher_logits, chunk_labels)
             hidden_leaf = student_hidden[start:end].detach().requires_grad_(need_hidden_grad)
             with torch.enable_grad():
                 student_logits = project(hidden_leaf, weight_leaf, bias_leaf, s_post, vocab_size)
@@ -353,7 +354,7 @@ def dense_distillation_loss(
     with torch.no_grad():
         teacher_logits = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_transform,
                                         vocab_size, 0, n_tokens)
-        teacher_ce = _teacher_ce(teacher_logits, labels)
+        teacher_ce = teacher_cross_entropy_sum(teacher_logits, labels)
     total, kd_sum, ce_sum, _ = _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, ce_weight)
     block_sum = dense_block_loss(student_logits, teacher_logits, block_loss, chunk_bounds)
     if block_loss is not None and block_weight != 0.0:

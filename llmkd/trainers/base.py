@@ -18,6 +18,7 @@ and :meth:`DistillTrainer.extra_loss`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections import defaultdict
@@ -43,8 +44,9 @@ from ..loading import (
     resolve_dtype,
     tokenizer_of,
 )
-from ..losses import chunked_distillation_loss, get_divergence
-from ..losses.chunked import dense_block_loss
+from ..losses import SparseTeacher, chunked_distillation_loss, get_divergence
+from ..losses.chunked import dense_block_loss, teacher_cross_entropy_sum
+from .cached_teacher import CACHE_ROW, cache_vocab_size, cached_targets, open_teacher_cache, tag_cached_rows
 from ..teacher import (
     aligned_vocab_size,
     check_label_spaces,
@@ -99,11 +101,15 @@ class DistillTrainer(Trainer):
             raise TypeError(f"args must be a DistillConfig (or a method's config), got {type(args).__name__}.")
         self.task = self._resolve_task(model, args)
         model, processing_class = self._student(model, args, processing_class, self.task)
-        teacher_model, teacher_processing_class = self._teacher(
-            teacher_model, args, teacher_processing_class, self.task
-        )
+        self.teacher_cache = open_teacher_cache(args, teacher_model, self.task)
+        if self.teacher_cache is None:
+            teacher_model, teacher_processing_class = self._teacher(
+                teacher_model, args, teacher_processing_class, self.task
+            )
         tokenizer = tokenizer_of(processing_class)
-        if self.is_classification:
+        if self.teacher_cache is not None:
+            self.vocab_size = cache_vocab_size(self.teacher_cache, model, tokenizer)
+        elif self.is_classification:
             check_same_tokenizer(tokenizer, teacher_processing_class)
             self.num_labels = check_label_spaces(model, teacher_model)
             self._models_take_token_type_ids = all(
@@ -123,13 +129,16 @@ class DistillTrainer(Trainer):
             train_dataset, eval_dataset = load_dataset_splits(args)
         train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
         eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
+        if self.teacher_cache is not None:
+            train_dataset = tag_cached_rows(self.teacher_cache, train_dataset, tokenizer, "train")
+            eval_dataset = tag_cached_rows(self.teacher_cache, eval_dataset, tokenizer, "eval")
         if data_collator is None:
             data_collator = (DataCollatorWithPadding(tokenizer) if self.is_classification
                              else DistillDataCollator(pad_token_id=self._pad_token_id(tokenizer)))
 
         if not self.is_classification:
             self.student_transform = logit_transform_for(model)
-            self.teacher_transform = logit_transform_for(teacher_model)
+            self.teacher_transform = None if teacher_model is None else logit_transform_for(teacher_model)
             if args.use_chunked_loss and args.verify_logit_head:
                 self._verify_heads(model, teacher_model, train_dataset)
 
@@ -148,7 +157,7 @@ class DistillTrainer(Trainer):
         )
         # Our loss is always divided by the step's global token count: let the Trainer count it and not rescale.
         self.model_accepts_loss_kwargs = True
-        self.teacher = prepare_teacher(
+        self.teacher = None if teacher_model is None else prepare_teacher(
             teacher_model, self.accelerator, is_deepspeed=self.is_deepspeed_enabled, is_fsdp=self.is_fsdp_enabled
         )
         self.divergence = get_divergence(
@@ -261,7 +270,7 @@ class DistillTrainer(Trainer):
         else:
             ids = [0, 1, 2, 3]
         for role, m in (("student", model), ("teacher", teacher)):
-            if any(hasattr(p, "ds_id") for p in m.parameters()):
+            if m is None or any(hasattr(p, "ds_id") for p in m.parameters()):
                 continue  # already partitioned: cannot run a plain forward here
             device = next(m.parameters()).device
             try:
@@ -323,12 +332,21 @@ class DistillTrainer(Trainer):
         target_ids = shift_labels[valid]  # (N,)
         normalizer = num_items_in_batch if num_items_in_batch is not None else valid.sum()
 
-        teacher_hidden = self._teacher_hidden_states(model_inputs, valid)  # (N, H_t)
+        cache_rows = model_inputs.pop(CACHE_ROW, None)
+        if self.teacher_cache is not None:
+            if cache_rows is None:
+                raise ValueError(f"The batch has no {CACHE_ROW!r} column: keep remove_unused_columns=False when "
+                                 "training from teacher_cache.")
+            teacher_hidden = cached_targets(self.teacher_cache, cache_rows, int(valid.sum()), self.vocab_size,
+                                            valid.device)  # SparseTeacher of N tokens
+        else:
+            teacher_hidden = self._teacher_hidden_states(model_inputs, valid)  # (N, H_t)
         terms = _LossTerms(self.token_loss_fn(), *self.loss_weights(), self.block_loss_fn(), self.loss_blocks(valid))
         if self.args.use_chunked_loss:
             return self._chunked_student_loss(model, model_inputs, valid, target_ids, teacher_hidden, terms,
                                               normalizer, record)
-        return self._dense_student_loss(model, model_inputs, valid, target_ids, terms, normalizer, record)
+        return self._dense_student_loss(model, model_inputs, valid, target_ids, teacher_hidden, terms, normalizer,
+                                        record)
 
     def _classification_loss(self, model, inputs, num_items_in_batch, record):
         """Per-example distillation of a sequence classifier: logits ``(B, C)``, labels ``(B,)``."""
@@ -365,7 +383,9 @@ class DistillTrainer(Trainer):
 
         def distill_head(hidden_states: torch.Tensor) -> torch.Tensor:
             student_hidden = hidden_states[:, :-1][valid]  # (N, H_s)
-            with gathered_head_parameters(self.teacher) as (teacher_weight, teacher_bias):
+            teacher_head = gathered_head_parameters(self.teacher) if self.teacher is not None else \
+                contextlib.nullcontext((None, None))
+            with teacher_head as (teacher_weight, teacher_bias):
                 result = chunked_distillation_loss(
                     student_hidden, head.weight, teacher_hidden, teacher_weight, target_ids, terms.token_loss,
                     kd_weight=terms.kd_weight, ce_weight=terms.ce_weight, normalizer=normalizer,
@@ -390,17 +410,21 @@ class DistillTrainer(Trainer):
                       tokens=float(result.num_tokens))
         return outputs, loss.reshape(())
 
-    def _dense_student_loss(self, model, model_inputs, valid, target_ids, terms, normalizer, record):
+    def _dense_student_loss(self, model, model_inputs, valid, target_ids, teacher_targets, terms, normalizer,
+                            record):
         outputs = model(**model_inputs)
         student_logits = outputs.logits[:, :-1][valid][:, : self.vocab_size].float()  # (N, V)
-        with torch.no_grad():
-            teacher_logits = self.teacher(**model_inputs).logits[:, :-1][valid][:, : self.vocab_size].float()
+        if isinstance(teacher_targets, SparseTeacher):
+            teacher_logits = teacher_targets
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**model_inputs).logits[:, :-1][valid][:, : self.vocab_size].float()
         kd = terms.token_loss(student_logits, teacher_logits).sum()
         ce = F.cross_entropy(student_logits, target_ids, reduction="sum")
         block = dense_block_loss(student_logits, teacher_logits, terms.block_loss, terms.blocks)
         total = terms.kd_weight * kd + terms.ce_weight * ce + terms.block_weight * block
         with torch.no_grad():
-            teacher_ce = F.cross_entropy(teacher_logits, target_ids, reduction="sum")
+            teacher_ce = teacher_cross_entropy_sum(teacher_logits, target_ids)
         record.update(kd=kd.detach(), ce=ce.detach(), teacher_ce=teacher_ce, block=block.detach(),
                       tokens=float(target_ids.numel()))
         return outputs, total / _clamped_normalizer(normalizer, total.device)

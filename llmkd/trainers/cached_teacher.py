@@ -1,0 +1,82 @@
+"""Training from an offline teacher-logit cache (``teacher_cache=PATH``) instead of a live teacher.
+
+The cache (:mod:`llmkd.cache`, written by ``llmkd cache-teacher``) holds, per valid token of every row of the
+prepared training set, the teacher's top-k ids and log-probabilities and the log of the tail mass. The trainer
+tags each training row with its index (:data:`CACHE_ROW`), the collator carries the indices into the batch, and
+each step reads the rows' targets as a :class:`~llmkd.losses.SparseTeacher` for the losses (exact top-k +
+tail-bucket forward KL; the other losses on a uniform-tail densification, see :mod:`llmkd.losses.sparse_teacher`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..losses import SparseTeacher
+from ..heads import output_head
+
+CACHE_ROW = "llmkd_cache_row"
+
+
+def open_teacher_cache(args, teacher_model, task: str):
+    """The :class:`~llmkd.cache.TeacherCache` named by ``args.teacher_cache`` (checked against the run's
+    settings), or None when the run has a live teacher."""
+    if not args.teacher_cache:
+        return None
+    from ..cache import TeacherCache
+
+    if teacher_model is not None:
+        raise ValueError("Both a teacher model and teacher_cache were given: train from one of them (a cache "
+                         "replaces the live teacher).")
+    if task != "causal_lm":
+        raise ValueError("teacher_cache is for token-level distillation of causal LMs; sequence classifiers need "
+                         "a live teacher (their teacher forward is cheap).")
+    cache = TeacherCache(args.teacher_cache)
+    cached_temperature = float(cache.metadata["temperature"])
+    if abs(cached_temperature - args.temperature) > 1e-12:
+        raise ValueError(
+            f"The cache at {args.teacher_cache} holds log-probs at temperature {cached_temperature} but the run uses "
+            f"temperature {args.temperature}: set temperature: {cached_temperature}, or write a cache at "
+            f"{args.temperature} (llmkd cache-teacher --cache_temperature {args.temperature})."
+        )
+    return cache
+
+
+def cache_vocab_size(cache, student, tokenizer) -> int:
+    """The vocabulary of the cached distributions, checked to fit the student's head and cover the tokenizer."""
+    vocab_size = int(cache.metadata["vocab_size"])
+    weight = output_head(student).weight
+    rows = weight.ds_shape[0] if hasattr(weight, "ds_id") else weight.shape[0]
+    if vocab_size > rows:
+        raise ValueError(f"The cache's distributions cover {vocab_size} tokens but the student's head scores only "
+                         f"{rows}: the cache was written for another tokenizer or model family.")
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the cache covers only {vocab_size}.")
+    return vocab_size
+
+
+def tag_cached_rows(cache, dataset, tokenizer, split: str):
+    """Check the prepared dataset is the one the cache was written from, and add the row index column."""
+    if dataset is None:
+        return None
+    if split != "train":
+        raise ValueError(
+            "teacher_cache covers the training rows only: evaluate with a live teacher (a run without "
+            "teacher_cache), or drop the eval dataset / dataset_eval_split from this run."
+        )
+    cache.check_compatible(tokenizer, dataset)
+    return dataset.add_column(CACHE_ROW, list(range(len(dataset))))
+
+
+def cached_targets(cache, rows: torch.Tensor, num_tokens: int, vocab_size: int, device) -> SparseTeacher:
+    """The cached targets of a batch's rows, ``(N, k)`` in the trainer's valid-token order."""
+    from ..cache import CacheMismatchError
+
+    ids, log_probs, tail = cache.rows([int(r) for r in rows.tolist()])
+    if ids.shape[0] != num_tokens:
+        raise CacheMismatchError(
+            f"The cache holds {ids.shape[0]} target tokens for rows {rows.tolist()[:8]}... but the batch has "
+            f"{num_tokens} valid tokens: the data or its masking (max_length, completion_only_loss) differs from the "
+            "cache's. Rewrite the cache with this recipe."
+        )
+    teacher = SparseTeacher(ids, log_probs, tail, vocab_size, float(cache.metadata["temperature"]))
+    return teacher.to(device)
