@@ -57,16 +57,15 @@ class Divergence:
     scale_by_t2: bool = True
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits) -> torch.Tensor:
-        """``teacher_logits``: ``(N, V)``, or a cached top-k :class:`SparseTeacher` (forward KL exact on the top-k plus
-        a tail bucket; the other divergences on the uniform-tail densification, see :mod:`.sparse_teacher`)."""
-        if isinstance(teacher_logits, SparseTeacher):
-            if self.name == "fkl":
-                losses = teacher_logits.forward_kl(student_logits, self.temperature)
-                return losses * (self.temperature**2) if self.scale_by_t2 else losses
-            teacher_logits = teacher_logits.dense_logits()
+        """``teacher_logits``: ``(N, V)``, or a cached top-k :class:`SparseTeacher`: the divergence is then computed
+        on the top-k support plus one tail bucket, exactly (see :mod:`.sparse_teacher`)."""
         kernel, _ = DIVERGENCE_KERNELS[self.name]
         log_q = softened_log_probs(student_logits, self.temperature)
-        log_p = softened_log_probs(teacher_logits, self.temperature)
+        if isinstance(teacher_logits, SparseTeacher):
+            teacher_logits.check_temperature(self.temperature)
+            log_p = teacher_logits.dense_log_probs(like=log_q)
+        else:
+            log_p = softened_log_probs(teacher_logits, self.temperature)
         losses = kernel(log_q, log_p, **self.params)
         return losses * (self.temperature**2) if self.scale_by_t2 else losses
 

@@ -154,8 +154,9 @@ class SinkhornTerm:
     top_k: int | None = None
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits) -> torch.Tensor:
+        teacher_logits = as_dense_logits(teacher_logits, student_logits)
         value = sinkhorn_loss(
-            student_logits, as_dense_logits(teacher_logits), temperature=self.temperature, epsilon=self.epsilon,
+            student_logits, teacher_logits, temperature=self.temperature, epsilon=self.epsilon,
             iterations=self.iterations, scale=self.scale, detach_plan=self.detach_plan, top_k=self.top_k,
         )
         return value * student_logits.shape[0]

@@ -1,18 +1,19 @@
 """A top-k teacher (from the offline cache, :mod:`llmkd.cache`) as a loss input.
 
 Per token the cache keeps the teacher's top-k token ids, their log-probabilities ``log p`` (at the cache's
-temperature ``T_c``) and the log of the remaining mass ``log P_tail``. The losses use it two ways:
+temperature ``T_c``) and the log of the remaining mass ``log P_tail``. The tail's shape is unknown, so the losses
+compare the two distributions on the top-k support plus ONE TAIL BUCKET: ``(p_1..p_k, P_tail)`` against
+``(q_1..q_k, Q_tail)`` with ``Q_tail`` the student's mass outside the top-k. For forward KL:
 
-* exactly, for forward KL: ``KL(p || q)`` on the top-k support plus one tail bucket,
+    sum_{i in K} p_i (log p_i - log q_i) + P_tail (log P_tail - log Q_tail)
 
-      sum_{i in K} p_i (log p_i - log q_i) + P_tail (log P_tail - log Q_tail),   Q_tail = sum_{j not in K} q_j,
-
-  which equals the full forward KL when k = V (P_tail = 0) and otherwise leaves the student's distribution inside
-  the tail free (:meth:`SparseTeacher.forward_kl`);
-* approximately, for every other loss (reverse KL, JSD, skew KLs, TVD, TAID's interpolation, the Sinkhorn cost):
-  the tail mass is spread uniformly over the ``V - k`` tokens outside the top-k (:meth:`SparseTeacher.dense_logits`),
-  which keeps the top-k exact and the total mass 1 but replaces the tail's shape, unknown to the cache, by the
-  flattest one. At k = V both are exact.
+This is computed by densifying the teacher with a tail SHAPED LIKE THE STUDENT'S (detached): outside the top-k,
+``p_j = P_tail * q_j / Q_tail``. Every divergence of section 0 (fkl, rkl, JSD, skew KLs, TVD) is an f-divergence,
+whose terms vanish wherever the two distributions are proportional, so on this densification each equals its
+top-k + tail-bucket value exactly, in value and gradient (tested; :meth:`SparseTeacher.forward_kl` is the explicit
+bucket formula kept as the reference). At k = V everything is exact. TAID's interpolation and the Sinkhorn cost use
+the same densified teacher: inside the tail the teacher then agrees with the student in shape, which is the
+approximation (measured by ``scripts/bench_cache_error.py``, reported in BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -66,31 +67,43 @@ class SparseTeacher:
         return SparseTeacher(self.ids.to(device), self.log_probs.to(device), self.tail_log_prob.to(device),
                              self.vocab_size, self.temperature)
 
-    def dense_log_probs(self) -> torch.Tensor:
-        """``(n, V)`` float32 log-probabilities: the top-k exact, the tail mass spread uniformly over the rest."""
+    def dense_log_probs(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n, V)`` float32 log-probabilities: the top-k exact and the tail mass ``P_tail`` spread over the other
+        tokens in proportion to ``exp(like)`` (the student's log-probabilities, detached: the tail-bucket
+        densification), or uniformly when ``like`` is None (or puts no mass outside the top-k)."""
         n, k = self.ids.shape
         rest = self.vocab_size - k
-        if rest > 0:
-            fill = (self.tail_log_prob.float() - math.log(rest))[:, None].expand(n, self.vocab_size)
-            dense = fill.clone()
-        else:
+        tail = self.tail_log_prob.float()[:, None]  # (n, 1)
+        if rest == 0:
             dense = torch.full((n, self.vocab_size), float("-inf"), device=self.ids.device)
+        else:
+            dense = (tail - math.log(rest)).expand(n, self.vocab_size)
+            if like is not None:
+                log_like = torch.log_softmax(like.detach().float(), dim=-1)
+                log_like_tail = torch.logsumexp(log_like.scatter(1, self.ids, float("-inf")), dim=-1, keepdim=True)
+                shaped = tail + log_like - torch.where(torch.isfinite(log_like_tail), log_like_tail,
+                                                       torch.zeros_like(log_like_tail))
+                dense = torch.where(torch.isfinite(log_like_tail), shaped, dense)
         return dense.scatter(1, self.ids, self.log_probs.float())
 
-    def dense_logits(self) -> torch.Tensor:
+    def dense_logits(self, like: torch.Tensor | None = None) -> torch.Tensor:
         """``(n, V)`` logits whose ``softmax(z / T_c)`` is :meth:`dense_log_probs` (``T_c * log p``), for any loss
         that softens the teacher with its own temperature."""
-        log_probs = self.dense_log_probs()
+        log_probs = self.dense_log_probs(like)
         return log_probs * self.temperature if self.temperature != 1.0 else log_probs
 
-    def forward_kl(self, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Exact top-k + tail-bucket ``KL(p || q_T)`` per token, ``q_T = softmax(z_s / T)``: ``(n, V) -> (n,)``.
-
-        ``temperature`` must be the cache's (the cached log-probabilities cannot be re-softened exactly).
-        """
+    def check_temperature(self, temperature: float) -> None:
         if abs(temperature - self.temperature) > 1e-12:
             raise ValueError(f"the cache holds log-probs at temperature {self.temperature}; the loss asks for "
                              f"{temperature}. Train with the cache's temperature or write a cache at {temperature}.")
+
+    def forward_kl(self, student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Top-k + tail-bucket ``KL(p || q_T)`` per token, ``q_T = softmax(z_s / T)``, from the explicit formula:
+        ``(n, V) -> (n,)`` (the reference the densified path is tested against).
+
+        ``temperature`` must be the cache's (the cached log-probabilities cannot be re-softened exactly).
+        """
+        self.check_temperature(temperature)
         log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # (n, V)
         log_q_top = log_q.gather(1, self.ids)  # (n, k)
         p_top = self.log_probs.float().exp()
@@ -113,6 +126,7 @@ class SparseTeacher:
         return -self.dense_log_probs().gather(1, safe[:, None])[:, 0].masked_fill(~valid, 0.0).sum()
 
 
-def as_dense_logits(teacher) -> torch.Tensor:
-    """Teacher logits ``(n, V)`` from a tensor (returned as is) or a :class:`SparseTeacher` (densified)."""
-    return teacher.dense_logits() if isinstance(teacher, SparseTeacher) else teacher
+def as_dense_logits(teacher, student_logits: torch.Tensor) -> torch.Tensor:
+    """Teacher logits ``(n, V)`` from a tensor (returned as is) or a :class:`SparseTeacher` (densified with a tail
+    shaped like ``student_logits``' distribution)."""
+    return teacher.dense_logits(like=student_logits) if isinstance(teacher, SparseTeacher) else teacher

@@ -78,8 +78,8 @@ class TAIDTokenLoss:
     t: float
 
     def __call__(self, student_logits: torch.Tensor, teacher_logits) -> torch.Tensor:
-        # a cached top-k teacher enters the interpolation densified (uniform tail; see .sparse_teacher)
-        return taid_per_token(student_logits, as_dense_logits(teacher_logits), self.t)
+        # a cached top-k teacher enters the interpolation densified (tail shaped like the student's; .sparse_teacher)
+        return taid_per_token(student_logits, as_dense_logits(teacher_logits, student_logits), self.t)
 
 
 @dataclass
