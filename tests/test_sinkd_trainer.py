@@ -258,3 +258,24 @@ def test_lm_sinkhorn_term_changes_the_gradient(tmp_path, tokenizer, lm_data):
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
         (grads[weight],) = torch.autograd.grad(trainer.compute_loss(student, batch), [student.lm_head.weight])
     assert not torch.allclose(grads[0.0], grads[0.8])
+
+
+def test_lora_classifier_trains_adapters_and_its_new_head(tmp_path, tokenizer, classification_data, bert_teacher):
+    """use_peft on a classifier: LoRA adapters on the encoder, the classification head trained in full (peft's
+    SEQ_CLS task), the base weights frozen."""
+    student = tiny_bert_classifier(len(tokenizer), hidden=32, layers=1, seed=1)
+    base = {k: v.clone() for k, v in student.state_dict().items()}
+    args = _config(tmp_path, max_steps=6, learning_rate=1e-2, use_peft=True, lora_r=4, lora_alpha=8,
+                   lora_dropout=0.0)
+    trainer = SinKDTrainer(model=student, teacher_model=copy.deepcopy(bert_teacher), args=args,
+                           train_dataset=classification_data, processing_class=tokenizer)
+    trainer.train()
+    peft_model = trainer.model
+    trained = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trained) and any("classifier" in n for n in trained)
+    merged = peft_model.merge_and_unload()
+    state = merged.state_dict()
+    assert not torch.equal(state["classifier.weight"], base["classifier.weight"])
+    assert torch.equal(state["bert.embeddings.word_embeddings.weight"], base["bert.embeddings.word_embeddings.weight"])
+    changed = [k for k in base if "encoder" in k and "weight" in k and not torch.equal(state[k], base[k])]
+    assert changed, "the LoRA adapters did not change the encoder's merged weights"
