@@ -141,6 +141,7 @@ def trainer_for(student, teacher, num_processes: int) -> DistillTrainer:
                                    average_tokens_across_devices=True)
     trainer.teacher = teacher
     trainer.task = "causal_lm"
+    trainer.teacher_cache = None
     trainer.divergence = get_divergence("fkl", temperature=TEMPERATURE)
     trainer.student_transform = logit_transform_for(student)
     trainer.teacher_transform = logit_transform_for(teacher)
