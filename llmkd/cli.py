@@ -41,21 +41,28 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _cache_teacher(argv: list[str]) -> int:
+    from .cache.command import main as cache_teacher_main
+
+    return cache_teacher_main(argv)
+
+
 def _quickstart(argv: list[str]) -> int:
     from .quickstart import main as quickstart_main
 
     return quickstart_main(argv)
 
 
-COMMANDS = {"train": _train, "quickstart": _quickstart}
+COMMANDS = {"train": _train, "cache-teacher": _cache_teacher, "quickstart": _quickstart}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: llmkd {train,quickstart} ...\n"
+        print("usage: llmkd {train,cache-teacher,quickstart} ...\n"
               "  train       --config RECIPE.yaml [--field value ...]   distil as the recipe says\n"
+              "  cache-teacher --config RECIPE.yaml [--output_dir PATH] | --verify PATH   offline teacher top-k cache\n"
               "  quickstart  [--output_dir DIR] [--method taid]          offline demo on a laptop CPU (< 5 min)")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"llmkd: unknown command {argv[0]!r}", file=sys.stderr)
