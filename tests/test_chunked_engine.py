@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from divergence_reference import divergence_of_probs
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -25,13 +26,7 @@ from llmkd.losses import (
 N, H_S, H_T, V = 37, 16, 12, 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (a lot of it when the other cores are busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 NAMES = ["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd"]
 
 
@@ -44,26 +39,9 @@ def ref_softmax(z, temperature=1.0):
     return e / e.sum(dim=-1, keepdim=True)
 
 
-def ref_kl(a, b):
-    return (a * (torch.log(a) - torch.log(b))).sum(-1)  # finite logits: every probability is > 0
-
-
 def ref_token_divergence(name, zs, zt, temperature=1.0, beta=0.5, alpha=0.1):
     q, p = ref_softmax(zs, temperature), ref_softmax(zt, temperature)
-    if name == "fkl":
-        d = ref_kl(p, q)
-    elif name == "rkl":
-        d = ref_kl(q, p)
-    elif name == "jsd":
-        m = beta * p + (1 - beta) * q
-        d = beta * ref_kl(p, m) + (1 - beta) * ref_kl(q, m)
-    elif name == "skew_fkl":
-        d = ref_kl(p, alpha * p + (1 - alpha) * q)
-    elif name == "skew_rkl":
-        d = ref_kl(q, alpha * q + (1 - alpha) * p)
-    else:
-        d = 0.5 * (p - q).abs().sum(-1)
-    return d * temperature**2
+    return divergence_of_probs(name, p, q, beta=beta, alpha=alpha) * temperature**2
 
 
 def ref_transform(x, scale=1.0, softcap=None):

@@ -22,12 +22,7 @@ from llmkd.losses.sinkhorn import restrict_to_teacher_top_k
 from sinkhorn_reference import reference_plan, reference_sinkhorn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def logits(n, v, seed, spread=3.0, dtype=torch.float64):
