@@ -84,7 +84,9 @@ class SparseTeacher:
                 shaped = tail + log_like - torch.where(torch.isfinite(log_like_tail), log_like_tail,
                                                        torch.zeros_like(log_like_tail))
                 dense = torch.where(torch.isfinite(log_like_tail), shaped, dense)
-        return dense.scatter(1, self.ids, self.log_probs.float())
+        dense = dense.scatter(1, self.ids, self.log_probs.float())
+        # a quantized cache (8-bit log-probs) sums to 1 only approximately: renormalise (a no-op when exact)
+        return dense - torch.logsumexp(dense, dim=-1, keepdim=True)
 
     def dense_logits(self, like: torch.Tensor | None = None) -> torch.Tensor:
         """``(n, V)`` logits whose ``softmax(z / T_c)`` is :meth:`dense_log_probs` (``T_c * log p``), for any loss
