@@ -35,6 +35,7 @@ from llmkd.cache import (
 )
 from llmkd.cache import bits, elias_fano
 from llmkd.cache.logprob_code import MAX_NATS, LogprobCode
+from llmkd.cli import main as llmkd_main
 from llmkd.data import prepare_dataset
 
 WORKER = TESTS_DIR / "distributed" / "cache_worker.py"
@@ -489,7 +490,7 @@ def write_recipe(folder: Path, **fields) -> Path:
     return recipe
 
 
-def test_cli_writes_and_verifies(tmp_path):
+def test_cli_writes_and_verifies(tmp_path, capsys):
     recipe = write_recipe(tmp_path, cache_top_k=16, cache_temperature=2.0)
     result = cli("--config", recipe, "--cache_shard_rows", "5", "--batch_size", "3")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -503,23 +504,27 @@ def test_cli_writes_and_verifies(tmp_path):
     rows = Dataset.from_list([json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()])
     cache.check_compatible(tokenizer, prepare_dataset(rows, tokenizer, max_length=32, completion_only_loss=True))
 
-    result = cli("--verify", tmp_path / "cache")
-    assert result.returncode == 0, result.stderr
-    assert "OK" in result.stdout and "bytes_per_token" in result.stdout and "k: 16" in result.stdout
+    # --verify through the command line's entry point (its return value is the exit status)
+    assert llmkd_main(["cache-teacher", "--verify", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "bytes_per_token" in out and "k: 16" in out
 
     shard = tmp_path / "cache" / "shard-00001.arrow"
     data = bytearray(shard.read_bytes())
     data[-20] ^= 0xFF
     shard.write_bytes(bytes(data))
-    result = cli("--verify", tmp_path / "cache")
-    assert result.returncode == 1
-    assert "FAILED" in result.stderr and "shard-00001.arrow" in result.stderr and "checksum" in result.stderr
+    assert llmkd_main(["cache-teacher", "--verify", str(tmp_path / "cache")]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "shard-00001.arrow" in err and "checksum" in err
 
 
-def test_cli_needs_an_output_folder(tmp_path):
+def test_cli_needs_an_output_folder_and_a_mode(tmp_path):
     recipe = write_recipe(tmp_path, teacher_cache=None)
-    result = cli("--config", recipe)
-    assert result.returncode != 0 and "--output_dir" in result.stderr
+    with pytest.raises(SystemExit, match="--output_dir"):
+        llmkd_main(["cache-teacher", "--config", str(recipe)])
+    with pytest.raises(SystemExit):
+        llmkd_main(["cache-teacher"])  # neither --config nor --verify: argparse's usage error
+    assert llmkd_main(["cache-teacher", "--verify", str(tmp_path / "nothing")]) == 1
 
 
 def test_cli_four_bit_teacher(tmp_path):

@@ -75,6 +75,7 @@ def write(known, overrides: list[str]) -> int:
 
     from ..data import prepare_dataset
     from ..data.sources import load_dataset_splits
+    from ..loading import tokenizer_of
     from ..recipes import load_config
     from ..teacher import check_same_tokenizer, prepare_teacher
     from ..trainers.base import IMAGE_FIELDS
@@ -114,9 +115,15 @@ def write(known, overrides: list[str]) -> int:
               "max_length": config.max_length, "completion_only_loss": config.completion_only_loss,
               "teacher_dtype": config.teacher_dtype, "teacher_load_in_4bit": config.teacher_load_in_4bit,
               "teacher_load_in_8bit": config.teacher_load_in_8bit}
+    top_k = config.cache_top_k
+    vocab_size = len(tokenizer_of(tokenizer))
+    if top_k > vocab_size:
+        logger.warning("cache_top_k=%d exceeds the %d-token vocabulary: caching the whole distribution (k = %d).",
+                       top_k, vocab_size, vocab_size)
+        top_k = vocab_size
     started = time.monotonic()
     cache = write_teacher_cache(
-        teacher, prepared, tokenizer, output_dir, top_k=config.cache_top_k, temperature=config.cache_temperature,
+        teacher, prepared, tokenizer, output_dir, top_k=top_k, temperature=config.cache_temperature,
         shard_rows=config.cache_shard_rows, batch_size=batch_size, teacher_name=config.teacher_model_name_or_path,
         teacher_revision=config.teacher_revision, accelerator=accelerator, logprob_bits=known.logprob_bits,
         source=source, progress=not config.disable_tqdm,
