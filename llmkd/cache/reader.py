@@ -18,8 +18,9 @@ from .fingerprint import fingerprint_of_hashes, row_hashes, tokenizer_fingerprin
 from .metadata import check_metadata
 from .shard import ShardView, open_shard
 
-REWRITE_HINT = ("Delete that shard's .arrow and .json files and rerun llmkd cache-teacher with the same recipe and "
-                "output_dir: only the missing shards are recomputed.")
+RERUN_HINT = ("Rerun llmkd cache-teacher with the same recipe and output_dir: only the missing shards are "
+              "recomputed.")
+REWRITE_HINT = "Delete that shard's .arrow and .json files. " + RERUN_HINT
 
 
 class TeacherCache:
@@ -55,8 +56,7 @@ class TeacherCache:
         missing = [r["file"] for r in self._records if not (self.path / r["file"]).exists()]
         if missing:
             raise CacheCorruptError(f"The teacher cache at {self.path} lacks the shard file(s) {missing}. "
-                                    + REWRITE_HINT.replace("Delete that shard's .arrow and .json files and rerun",
-                                                           "Rerun"))
+                                    + RERUN_HINT)
         self._open: OrderedDict[int, ShardView] = OrderedDict()
         self._verified: set[int] = set()
         self.max_open_shards = max_open_shards
@@ -135,9 +135,7 @@ class TeacherCache:
         record = self._records[index]
         name, path = record["file"], self.path / record["file"]
         if not path.exists():
-            raise CacheCorruptError(f"Shard {name} of the teacher cache at {self.path} is missing. "
-                                    + REWRITE_HINT.replace("Delete that shard's .arrow and .json files and rerun",
-                                                           "Rerun"))
+            raise CacheCorruptError(f"Shard {name} of the teacher cache at {self.path} is missing. " + RERUN_HINT)
         if verify_checksum:
             found = sha256_file(path)
             if found != record["sha256"]:
