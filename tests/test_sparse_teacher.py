@@ -161,3 +161,12 @@ def test_bad_cached_inputs_are_refused():
     with pytest.raises(ValueError, match="exceeds vocab_size"):
         SparseTeacher(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5), torch.zeros(2), 4)
     assert math.isfinite(sparse.forward_kl(logits(7), 2.0).sum().item())
+
+
+def test_teacher_cross_entropy_reads_the_label_from_the_top_k_or_the_uniform_tail():
+    sparse = top_k_of(logits(10), 5)
+    labels = torch.cat([sparse.ids[:3, 0], torch.tensor([-100]), torch.randint(0, V, (N - 4,))])
+    dense = sparse.dense_log_probs()  # uniform tail
+    valid = labels != -100
+    expected = -dense[valid].gather(1, labels[valid][:, None]).sum()
+    assert sparse.cross_entropy_sum(labels).item() == pytest.approx(expected.item(), rel=1e-6)

@@ -120,12 +120,19 @@ class SparseTeacher:
         return top + tail_term
 
     def cross_entropy_sum(self, labels: torch.Tensor | None) -> torch.Tensor:
-        """Sum over tokens of ``-log p(label)`` (a label outside the top-k gets its uniform share of the tail)."""
+        """Sum over tokens of ``-log p(label)`` (a label outside the top-k gets its uniform share of the tail), from
+        the ``(n, k + 1)`` cached values only: no ``(n, V)`` tensor."""
         if labels is None:
             return self.log_probs.new_zeros((), dtype=torch.float32)
         valid = labels != -100
-        safe = torch.where(valid, labels, torch.zeros_like(labels))
-        return -self.dense_log_probs().gather(1, safe[:, None])[:, 0].masked_fill(~valid, 0.0).sum()
+        log_probs, tail = self.log_probs.float(), self.tail_log_prob.float()
+        hit = self.ids == labels[:, None]  # (n, k)
+        rest = self.vocab_size - self.k
+        outside = tail - math.log(rest) if rest > 0 else torch.full_like(tail, float("-inf"))
+        label_log_prob = torch.where(hit.any(-1), log_probs.masked_fill(~hit, float("-inf")).max(-1).values, outside)
+        # the same normalisation as dense_log_probs (a quantized cache sums to 1 only approximately)
+        total = torch.logsumexp(torch.cat([log_probs, tail[:, None]], dim=-1), dim=-1)
+        return -(label_log_prob - total).masked_fill(~valid, 0.0).sum()
 
 
 def as_dense_logits(teacher, student_logits: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ def open_teacher_cache(args, teacher_model, task: str):
         raise ValueError("teacher_cache is for token-level distillation of causal LMs; sequence classifiers need "
                          "a live teacher (their teacher forward is cheap).")
     cache = TeacherCache(args.teacher_cache)
-    cached_temperature = float(cache.metadata["temperature"])
+    cached_temperature = cache.temperature
     if abs(cached_temperature - args.temperature) > 1e-12:
         raise ValueError(
             f"The cache at {args.teacher_cache} holds log-probs at temperature {cached_temperature} but the run uses "
@@ -43,7 +43,7 @@ def open_teacher_cache(args, teacher_model, task: str):
 
 def cache_vocab_size(cache, student, tokenizer) -> int:
     """The vocabulary of the cached distributions, checked to fit the student's head and cover the tokenizer."""
-    vocab_size = int(cache.metadata["vocab_size"])
+    vocab_size = cache.vocab_size
     weight = output_head(student).weight
     rows = weight.ds_shape[0] if hasattr(weight, "ds_id") else weight.shape[0]
     if vocab_size > rows:
@@ -78,5 +78,5 @@ def cached_targets(cache, rows: torch.Tensor, num_tokens: int, vocab_size: int, 
             f"{num_tokens} valid tokens: the data or its masking (max_length, completion_only_loss) differs from the "
             "cache's. Rewrite the cache with this recipe."
         )
-    teacher = SparseTeacher(ids, log_probs, tail, vocab_size, float(cache.metadata["temperature"]))
+    teacher = SparseTeacher(ids, log_probs, tail, vocab_size, cache.temperature)
     return teacher.to(device)
