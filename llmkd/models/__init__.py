@@ -1,0 +1,1 @@
+"""Model builders: MoE upcycling of dense decoders, the dual-head (DHO) student."""
