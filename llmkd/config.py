@@ -11,7 +11,47 @@ TASK_CHOICES = ("auto", "causal_lm", "sequence_classification")
 
 
 @dataclass
-class DistillConfig(TrainingArguments):
+class ModelSourceFields:
+    """Config fields that name the student, the teacher, the data and a LoRA adapter; shared by every llmkd config
+    (:class:`DistillConfig` and the TRL-based :class:`~llmkd.PreferenceDistillConfig`)."""
+
+    # student
+    model_name_or_path: str | None = field(default=None, metadata={"help": "The student model (name or path)."})
+    model_revision: str | None = field(default=None, metadata={"help": "Revision of the student."})
+    student_dtype: str = field(default="float32", metadata={"help": f"Student dtype, one of {DTYPES}."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code (off by default)."})
+    # teacher
+    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "The teacher (name or path)."})
+    teacher_revision: str | None = field(default=None, metadata={"help": "Revision of the teacher."})
+    teacher_dtype: str = field(default="float32", metadata={"help": f"Teacher dtype, one of {DTYPES}."})
+    teacher_load_in_4bit: bool = field(default=False, metadata={"help": "Load the teacher in 4 bits (bitsandbytes)."})
+    teacher_load_in_8bit: bool = field(default=False, metadata={"help": "Load the teacher in 8 bits (bitsandbytes)."})
+    teacher_bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit quantization type (nf4/fp4)."})
+    # data
+    dataset_name: str | None = field(default=None, metadata={"help": "Dataset: local file/folder or Hub name."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
+    dataset_eval_split: str | None = field(default=None, metadata={"help": "Evaluation split (optional)."})
+    # LoRA
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of the full student."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules to adapt (default: all linear layers but the head)."}
+    )
+
+    def check_model_sources(self) -> None:
+        """Validate the fields above (called by the configs' ``__post_init__``)."""
+        for name in ("student_dtype", "teacher_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {DTYPES}.")
+        if self.teacher_load_in_4bit and self.teacher_load_in_8bit:
+            raise ValueError("Choose one of teacher_load_in_4bit and teacher_load_in_8bit, not both.")
+
+
+@dataclass
+class DistillConfig(ModelSourceFields, TrainingArguments):
     r"""Configuration for :class:`~llmkd.DistillTrainer`: token-level distillation with any divergence of
     ALGORITHMS.md section 0, mixed with the hard-label cross-entropy.
 
@@ -67,22 +107,10 @@ class DistillConfig(TrainingArguments):
         use_peft, lora_r, lora_alpha, lora_dropout, lora_target_modules.
     """
 
-    # models
-    model_name_or_path: str | None = field(default=None, metadata={"help": "The student model (name or path)."})
-    model_revision: str | None = field(default=None, metadata={"help": "Revision of the student."})
     init_student_from_config: bool = field(
         default=False, metadata={"help": "Build the student from the config at model_name_or_path with fresh weights."}
     )
-    student_dtype: str = field(default="float32", metadata={"help": f"Student dtype, one of {DTYPES}."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code (off by default)."})
     task: str = field(default="auto", metadata={"help": f"One of {TASK_CHOICES}."})
-    # teacher
-    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "The teacher (name or path)."})
-    teacher_revision: str | None = field(default=None, metadata={"help": "Revision of the teacher."})
-    teacher_dtype: str = field(default="float32", metadata={"help": f"Teacher dtype, one of {DTYPES}."})
-    teacher_load_in_4bit: bool = field(default=False, metadata={"help": "Load the teacher in 4 bits (bitsandbytes)."})
-    teacher_load_in_8bit: bool = field(default=False, metadata={"help": "Load the teacher in 8 bits (bitsandbytes)."})
-    teacher_bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "4-bit quantization type (nf4/fp4)."})
     # offline teacher cache
     teacher_cache: str | None = field(default=None, metadata={"help": "Train from this teacher-logit cache."})
     cache_top_k: int = field(default=64, metadata={"help": "Top-k tokens per position when writing a cache."})
@@ -98,21 +126,9 @@ class DistillConfig(TrainingArguments):
     loss_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk in the chunked engine."})
     verify_logit_head: bool = field(default=True, metadata={"help": "Verify the chunked path reproduces logits."})
     # data
-    dataset_name: str | None = field(default=None, metadata={"help": "Dataset: local file/folder or Hub name."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
-    dataset_eval_split: str | None = field(default=None, metadata={"help": "Evaluation split (optional)."})
     max_length: int | None = field(default=1024, metadata={"help": "Truncate sequences to this many tokens."})
     completion_only_loss: bool = field(default=True, metadata={"help": "Train on completion tokens only."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
-    # LoRA
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of the full student."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules to adapt (default: all linear layers but the head)."}
-    )
     # TrainingArguments defaults changed for distillation
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all columns for the collator."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
@@ -121,9 +137,7 @@ class DistillConfig(TrainingArguments):
         super().__post_init__()
         if self.task not in TASK_CHOICES:
             raise ValueError(f"task={self.task!r} is not one of {TASK_CHOICES}.")
-        for name in ("student_dtype", "teacher_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {DTYPES}.")
+        self.check_model_sources()
         if not 0.0 <= self.kd_ratio <= 1.0:
             raise ValueError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}.")
         if self.temperature <= 0:
@@ -134,5 +148,3 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"cache_temperature must be > 0, got {self.cache_temperature}.")
         if self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}.")
-        if self.teacher_load_in_4bit and self.teacher_load_in_8bit:
-            raise ValueError("Choose one of teacher_load_in_4bit and teacher_load_in_8bit, not both.")

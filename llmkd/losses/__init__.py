@@ -3,7 +3,7 @@
 Dense divergences on logits (ALGORITHMS.md section 0), their per-token kernels, the registry that turns a name
 into a token loss, TAID's interpolated target and schedule (section 1), SinKD's Sinkhorn term (section 2), and the
 chunked engine that runs any token loss (and a block loss such as the Sinkhorn term) from hidden states and
-output heads.
+output heads; the MoE load-balancing loss and the preference losses with a teacher reference (section 3).
 """
 
 from .chunked import (
@@ -21,6 +21,8 @@ from .divergences import (
     softened_log_probs,
     tvd,
 )
+from .load_balancing import expert_assignment_counts, load_balancing_loss
+from .preference import PREFERENCE_LOSSES, dpo_sigmoid_loss, kto_pair_loss, preference_loss
 from .reduction import reduce_token_losses
 from .registry import Divergence, get_divergence
 from .sparse_teacher import SparseTeacher
@@ -33,6 +35,12 @@ __all__ = [
     "LogitTransform",
     "chunked_distillation_loss",
     "dense_distillation_loss",
+    "dpo_sigmoid_loss",
+    "expert_assignment_counts",
+    "kto_pair_loss",
+    "load_balancing_loss",
+    "PREFERENCE_LOSSES",
+    "preference_loss",
     "forward_kl",
     "generalized_jsd",
     "get_divergence",

@@ -224,14 +224,7 @@ class DistillTrainer(Trainer):
         return teacher, teacher_processing_class
 
     def _lora_config(self, args: DistillConfig):
-        from peft import LoraConfig
-
-        # a classifier's new head is trained in full next to the adapters (peft's SEQ_CLS task does that)
-        return LoraConfig(
-            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-            target_modules=args.lora_target_modules or "all-linear",
-            task_type="SEQ_CLS" if self.is_classification else "CAUSAL_LM",
-        )
+        return lora_config_from_args(args, "SEQ_CLS" if self.is_classification else "CAUSAL_LM")
 
     @staticmethod
     def _apply_peft(model, peft_config, args):
@@ -302,8 +295,10 @@ class DistillTrainer(Trainer):
         chunked engine's chunks and the block loss's blocks; None (default): chunks of ``loss_chunk_size``."""
         return None
 
-    def extra_loss(self, model, student_outputs, inputs) -> torch.Tensor | None:
-        """An extra loss added to the distillation loss (e.g. an MoE load-balancing loss). None by default."""
+    def extra_loss(self, model, student_outputs, inputs, normalizer) -> torch.Tensor | None:
+        """An extra loss added to the micro-batch's distillation loss (e.g. an MoE load-balancing loss), already
+        weighted for the step: the distillation loss is a sum over the micro-batch's points divided by
+        ``normalizer``, the step's global point count. None by default."""
         return None
 
     # ------------------------------------------------------------------------------------------------- loss
@@ -313,7 +308,7 @@ class DistillTrainer(Trainer):
             outputs, loss = self._classification_loss(model, inputs, num_items_in_batch, record)
         else:
             outputs, loss = self._language_model_loss(model, inputs, num_items_in_batch, record)
-        extra = self.extra_loss(model, outputs, inputs)
+        extra = self.extra_loss(model, outputs, inputs, num_items_in_batch)
         if extra is not None:
             loss = loss + extra
         self._accumulate_metrics(record, model.training)
@@ -470,6 +465,15 @@ class DistillTrainer(Trainer):
         if self.is_classification and not prediction_loss_only:
             return loss.detach(), outputs.logits.detach(), inputs["labels"]
         return loss.detach(), None, None
+
+
+def lora_config_from_args(args, task_type: str = "CAUSAL_LM"):
+    """The peft ``LoraConfig`` a config's ``lora_*`` fields describe (all linear layers but the head by default).
+    For ``SEQ_CLS`` peft trains a classifier's new head in full next to the adapters."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=args.lora_target_modules or "all-linear", task_type=task_type)
 
 
 def classification_accuracy(prediction: EvalPrediction) -> dict[str, float]:

@@ -1,0 +1,138 @@
+"""Watching an MoE model's routers: router logits for the load-balancing loss, and per-expert load for logging.
+
+transformers' MoE causal LMs return ``aux_loss`` only when asked, and LLaVA-style wrappers never return it, so the
+trainers record the router logits with forward hooks on the routers themselves (any sparse block with a ``gate``
+and ``experts``: Qwen2-MoE, Qwen3-MoE, Mixtral, ...). This works through DDP/DeepSpeed wrappers and inside a VLM.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from ..losses.load_balancing import expert_assignment_counts, load_balancing_loss
+
+
+def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The ``(name, router)`` pairs of ``model``'s sparse blocks (modules with ``gate`` and ``experts``)."""
+    routers = []
+    for name, module in model.named_modules():
+        gate = getattr(module, "gate", None)
+        if isinstance(gate, nn.Module) and isinstance(getattr(module, "experts", None), nn.Module):
+            routers.append((f"{name}.gate", gate))
+    return routers
+
+
+def is_moe_model(model: nn.Module) -> bool:
+    return bool(find_routers(model))
+
+
+def routing_shape(model: nn.Module) -> tuple[int, int]:
+    """``(num_experts, top_k)`` from the (text) config of ``model`` (a PreTrainedModel or a peft/DDP wrapper)."""
+    config = getattr(model, "config", None)
+    while config is None and hasattr(model, "module"):
+        model = model.module
+        config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+    top_k = getattr(text, "num_experts_per_tok", None)
+    if not num_experts or not top_k:
+        raise ValueError(f"{type(model).__name__}'s config names no num_experts / num_experts_per_tok: not an MoE.")
+    return int(num_experts), int(top_k)
+
+
+class RouterMonitor:
+    """Records the router logits of ``model``'s forward passes while :meth:`recording` is active.
+
+    Usage, per micro-batch::
+
+        with monitor.recording():
+            outputs = model(**inputs)
+        aux = monitor.aux_loss(attention_mask)        # scalar, differentiable in the routers
+        monitor.accumulate_load(attention_mask, training=model.training)
+
+    and, when logging, ``monitor.reduced_metrics(training, accelerator)`` -> ``moe_aux_loss`` and
+    ``moe_load_e{i}`` (the share of top-k assignments that expert i received, mean over sparse layers; 1/E each
+    when balanced) and ``moe_load_max`` (the busiest expert's share).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.routers = find_routers(model)
+        if not self.routers:
+            raise ValueError(f"{type(model).__name__} has no MoE router (no module with 'gate' and 'experts').")
+        self.num_experts, self.top_k = routing_shape(model)
+        self._logits: list[torch.Tensor] = []
+        self._active = False
+        self._sums = {True: defaultdict(float), False: defaultdict(float)}
+        for _, router in self.routers:
+            router.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if self._active:  # not during the teacher's forward, nor a gradient-checkpointing recomputation
+            logits = output[0] if isinstance(output, (tuple, list)) else output
+            self._logits.append(logits.reshape(-1, logits.shape[-1]))
+
+    def recording(self):
+        monitor = self
+
+        class _Recording:
+            def __enter__(self):
+                monitor._logits = []
+                monitor._active = True
+                return monitor
+
+            def __exit__(self, *exc):
+                monitor._active = False
+                return False
+
+        return _Recording()
+
+    @property
+    def router_logits(self) -> list[torch.Tensor]:
+        """The ``(n, E)`` logits of each router call of the last recorded forward (one per sparse layer)."""
+        return self._logits
+
+    def aux_loss(self, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """:func:`~llmkd.losses.load_balancing_loss` of the last recorded forward (``token_mask``: ``(B, S)``)."""
+        mask = token_mask
+        if mask is not None and self._logits and mask.numel() != self._logits[0].shape[0]:
+            mask = None  # the model routed a different token set (e.g. image tokens merged in): count all
+        return load_balancing_loss(self._logits, self.top_k, mask)
+
+    def accumulate_load(self, token_mask: torch.Tensor | None, aux: torch.Tensor, training: bool) -> None:
+        """Add the last forward's per-expert assignment counts and its aux loss to the logging sums."""
+        mask = token_mask
+        if mask is not None and self._logits and mask.numel() != self._logits[0].shape[0]:
+            mask = None
+        sums = self._sums[training]
+        counts = sum(expert_assignment_counts(logits, self.top_k, mask) for logits in self._logits)
+        sums["counts"] = sums["counts"] + counts.double()
+        sums["aux"] = sums["aux"] + aux.detach().double()
+        sums["calls"] = sums["calls"] + 1.0
+
+    def log_into(self, logs: dict[str, float], accelerator=None) -> None:
+        """Add the interval's metrics to a Trainer ``logs`` dict (``eval_``-prefixed when the logs are)."""
+        training = not any(key.startswith("eval_") for key in logs)
+        prefix = "" if training else "eval_"
+        for key, value in self.reduced_metrics(training, accelerator).items():
+            logs[prefix + key] = round(value, 6)
+
+    def reduced_metrics(self, training: bool, accelerator=None) -> dict[str, float]:
+        """The logging-interval means (summed over data-parallel ranks), then reset."""
+        sums = self._sums[training]
+        if not sums:
+            return {}
+        counts = torch.as_tensor(sums["counts"], dtype=torch.float64)
+        scalars = torch.stack([torch.as_tensor(sums["aux"], dtype=torch.float64).reshape(()),
+                               torch.as_tensor(sums["calls"], dtype=torch.float64).reshape(())])
+        if accelerator is not None and accelerator.num_processes > 1:
+            device = accelerator.device
+            counts = accelerator.reduce(counts.to(device), reduction="sum")
+            scalars = accelerator.reduce(scalars.to(device), reduction="sum")
+        sums.clear()
+        share = (counts / counts.sum().clamp_min(1.0)).tolist()
+        metrics = {"moe_aux_loss": float(scalars[0] / scalars[1].clamp_min(1.0)), "moe_load_max": max(share)}
+        metrics.update({f"moe_load_e{i}": value for i, value in enumerate(share)})
+        return metrics

@@ -1,0 +1,162 @@
+"""MoE mimic distillation (LLaVA-MoD stage 1, ALGORITHMS.md section 3).
+
+loss = kd_weight * KL(teacher || student) + ce_weight * CE + aux_loss_coef * load-balancing loss
+
+The KL and CE run on the response tokens through the chunked engine of :class:`~llmkd.DistillTrainer` (position
+t's hidden state predicts token t+1: the mask is shifted with the labels, not one position off as in the
+official code), with T = 1 by default. The load-balancing loss is computed from the student's router logits,
+recorded with hooks (:class:`~llmkd.models.routing.RouterMonitor`), so it works inside LLaVA-style wrappers that
+do not return it.
+
+Stages:
+- ``d2d`` (dense-to-dense): a dense (or already sparse) student, the whole language model trains (a VLM's
+  projector too; its vision tower stays frozen unless ``freeze_vision_tower=False``).
+- ``d2s`` (dense-to-sparse): a dense student is upcycled with :func:`~llmkd.upcycle_to_moe` (an MoE student is
+  used as it is), then only the FFNs (experts, routers, and the remaining dense FFNs) and a VLM's projector
+  train; attention, norms, embeddings and lm_head stay frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import DistillConfig
+from ..heads import unwrap_model
+from ..models.moe import upcycle_to_moe
+from ..models.routing import RouterMonitor, is_moe_model
+from .base import DistillTrainer
+
+logger = logging.getLogger(__name__)
+
+MOE_STAGES = ("d2d", "d2s")
+_FFN_PARAMETER = re.compile(r"(^|\.)layers\.\d+\.mlp\.")
+_PROJECTOR = "multi_modal_projector"
+_VISION_TOWER = ("vision_tower", "vision_model", "visual")
+
+
+@dataclass
+class MoEMimicConfig(DistillConfig):
+    r"""Configuration of :class:`MoEMimicTrainer` (every :class:`~llmkd.DistillConfig` field works).
+
+    Parameters:
+        moe_stage: ``d2s`` (default: upcycle and train the FFNs/experts/routers) or ``d2d`` (whole LM).
+        num_experts / num_experts_per_tok / moe_every: how a dense student is upcycled in ``d2s`` (4 experts,
+            top-2, layers 0, 2, 4, ...); ignored for a student that is already an MoE.
+        aux_loss_coef: weight of the load-balancing loss (0.01); 0 turns it off (loads are still logged).
+        kd_weight / ce_weight: weights of the forward KL and of the CE (1 and 1: LLaVA-MoD adds them);
+            ``kd_ratio`` is not used by this trainer.
+        freeze_vision_tower: keep a VLM's vision tower frozen in both stages (True).
+    Defaults that differ from DistillConfig: ``divergence="fkl"`` and ``temperature=1.0`` (as the paper).
+    """
+
+    moe_stage: str = field(default="d2s", metadata={"help": f"One of {MOE_STAGES}."})
+    num_experts: int = field(default=4, metadata={"help": "Experts per sparse layer when upcycling."})
+    num_experts_per_tok: int = field(default=2, metadata={"help": "Top-k experts per token when upcycling."})
+    moe_every: int = field(default=2, metadata={"help": "Upcycle layers 0, every, 2*every, ..."})
+    aux_loss_coef: float = field(default=0.01, metadata={"help": "Load-balancing loss coefficient."})
+    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the forward KL."})
+    ce_weight: float = field(default=1.0, metadata={"help": "Weight of the LM cross-entropy."})
+    freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep a VLM's vision tower frozen."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.moe_stage not in MOE_STAGES:
+            raise ValueError(f"moe_stage must be one of {MOE_STAGES}, got {self.moe_stage!r}.")
+        if self.aux_loss_coef < 0 or self.kd_weight < 0 or self.ce_weight < 0:
+            raise ValueError("aux_loss_coef, kd_weight and ce_weight must be >= 0.")
+
+
+def stage_trainable(name: str, stage: str, freeze_vision_tower: bool = True) -> bool:
+    """Whether the parameter ``name`` trains in ``stage`` (see the module docstring)."""
+    is_vision = any(part in name.split(".") for part in _VISION_TOWER)
+    if stage == "d2d":
+        return not (is_vision and freeze_vision_tower)
+    return bool(_FFN_PARAMETER.search(name)) and not is_vision or _PROJECTOR in name
+
+
+def freeze_for_stage(model: nn.Module, stage: str, freeze_vision_tower: bool = True) -> tuple[int, int]:
+    """Set ``requires_grad`` for ``stage``; returns (trainable, total) parameter counts."""
+    if stage not in MOE_STAGES:
+        raise ValueError(f"stage must be one of {MOE_STAGES}, got {stage!r}.")
+    trainable = total = 0
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(stage_trainable(name, stage, freeze_vision_tower))
+        total += parameter.numel()
+        trainable += parameter.numel() if parameter.requires_grad else 0
+    if trainable == 0:
+        raise ValueError(f"No parameter of {type(model).__name__} trains in stage {stage!r}: expected FFN "
+                         "parameters named '...layers.<i>.mlp...'.")
+    return trainable, total
+
+
+class MoEMimicTrainer(DistillTrainer):
+    """Mimic distillation of a dense or upcycled-MoE student (LLM or LLaVA-style VLM); see the module docstring.
+
+    Logs, next to DistillTrainer's kd/ce metrics: ``moe_aux_loss`` and the per-expert load ``moe_load_e{i}``
+    (share of the top-k assignments, mean over the sparse layers; ``moe_load_max`` the largest share).
+    """
+
+    _tag_names = ["llmkd", "distillation", "moe", "llava-mod"]
+    config_class = MoEMimicConfig
+
+    def __init__(self, model=None, teacher_model=None, args: MoEMimicConfig | None = None, peft_config=None,
+                 **kwargs):
+        args = args if args is not None else MoEMimicConfig(output_dir="llmkd_output")
+        if not isinstance(args, MoEMimicConfig):
+            raise TypeError(f"MoEMimicTrainer needs a MoEMimicConfig, got {type(args).__name__}.")
+        if args.moe_stage == "d2s" and (peft_config is not None or args.use_peft):
+            raise ValueError("moe_stage='d2s' trains the experts and routers in full; LoRA is not supported there "
+                             "(use it in the d2d stage, or set use_peft=False).")
+        super().__init__(model=model, teacher_model=teacher_model, args=args, peft_config=peft_config, **kwargs)
+        if self.is_classification:
+            raise ValueError("MoE mimic distillation is for causal LMs and VLMs, not sequence classifiers.")
+        student = unwrap_model(self.model)
+        self.router_monitor = RouterMonitor(student) if is_moe_model(student) else None
+        if args.moe_stage == "d2s" and self.router_monitor is None:
+            raise ValueError("moe_stage='d2s' needs an MoE student after upcycling; none was found.")
+
+    def _student(self, model, args, processing_class, task="causal_lm"):
+        model, processing_class = super()._student(model, args, processing_class, task)
+        if args.moe_stage == "d2s" and not is_moe_model(model):
+            model = upcycle_to_moe(model, num_experts=args.num_experts, top_k=args.num_experts_per_tok,
+                                   every=args.moe_every, aux_loss_coef=args.aux_loss_coef, seed=args.seed)
+        if not (args.use_peft and args.moe_stage == "d2d"):
+            trainable, total = freeze_for_stage(model, args.moe_stage, args.freeze_vision_tower)
+            logger.info("MoE mimic stage %s: %d of %d parameters train (%.1f%%).", args.moe_stage, trainable, total,
+                        100.0 * trainable / max(total, 1))
+        return model, processing_class
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def loss_weights(self) -> tuple[float, float]:
+        return self.args.kd_weight, self.args.ce_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.router_monitor is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with self.router_monitor.recording():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def extra_loss(self, model, student_outputs, inputs, normalizer) -> torch.Tensor | None:
+        """``aux_loss_coef * aux * (this micro-batch's response tokens / the step's)``: the per-micro-batch aux
+        loss (a mean over its tokens, as transformers computes it) weighted by the micro-batch's token share."""
+        if self.router_monitor is None:
+            return None
+        mask = inputs.get("attention_mask")
+        aux = self.router_monitor.aux_loss(mask)
+        self.router_monitor.accumulate_load(mask, aux, model.training)
+        if self.args.aux_loss_coef == 0:
+            return None
+        tokens = (inputs["labels"][:, 1:] != -100).sum().to(torch.float32)
+        share = tokens / (tokens if normalizer is None else torch.as_tensor(normalizer, dtype=torch.float32,
+                                                                           device=tokens.device)).clamp_min(1.0)
+        return self.args.aux_loss_coef * aux * share
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.router_monitor is not None:
+            self.router_monitor.log_into(logs, self.accelerator)
+        super().log(logs, start_time)
