@@ -12,7 +12,8 @@ TASK_CHOICES = ("auto", "causal_lm", "sequence_classification")
 
 @dataclass
 class ModelSourceFields:
-    """Config fields that name the student, the teacher, the data and a LoRA adapter; shared by every llmkd config
+    """Config fields that name the student, the teacher, the data and a LoRA adapter, and what ``llmkd train``
+    leaves after training (evaluation, report, publishing: see DistillConfig); shared by every llmkd config
     (:class:`DistillConfig` and the TRL-based :class:`~llmkd.PreferenceDistillConfig`)."""
 
     # student
@@ -40,12 +41,26 @@ class ModelSourceFields:
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Modules to adapt (default: all linear layers but the head)."}
     )
+    # end of training: evaluation, report, publishing
+    eval_tasks: str | None = field(
+        default=None, metadata={"help": "Tasks to evaluate after training (comma-separated)."}
+    )
+    eval_limit: int | None = field(default=None, metadata={"help": "Examples per evaluation task (None: all)."})
+    eval_teacher: bool = field(default=True, metadata={"help": "Also evaluate the teacher (retention ratio)."})
+    report: bool = field(default=True, metadata={"help": "Write report.html with PNG curves after training."})
+    hub_endpoint: str | None = field(default=None, metadata={"help": "Hub server for push_to_hub (default: HF's)."})
 
     def check_model_sources(self) -> None:
         """Validate the fields above (called by the configs' ``__post_init__``)."""
         for name in ("student_dtype", "teacher_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {DTYPES}.")
+        if getattr(self, "hub_token", None):
+            raise ValueError("hub_token is not accepted: the Trainer pickles its arguments into every checkpoint "
+                             "(training_args.bin), so the token would be saved on disk. Set HF_TOKEN in the "
+                             "environment or run `hf auth login` instead.")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError(f"eval_limit must be >= 1 (examples per task), got {self.eval_limit}.")
         if self.teacher_load_in_4bit and self.teacher_load_in_8bit:
             raise ValueError("Choose one of teacher_load_in_4bit and teacher_load_in_8bit, not both.")
 
@@ -105,6 +120,18 @@ class DistillConfig(ModelSourceFields, TrainingArguments):
 
     Parameters that control LoRA (when no ``peft_config`` is passed to the trainer):
         use_peft, lora_r, lora_alpha, lora_dropout, lora_target_modules.
+
+    Parameters of what ``llmkd train`` leaves in ``output_dir`` (docs/EVALUATION.md, docs/PUBLISHING.md):
+        eval_tasks: evaluate the student at the end of training on these tasks (comma-separated: llmkd's offline
+            ``llmkd_addition_exact_match,llmkd_addition_choice,llmkd_addition_perplexity``, any lm-eval task, or for
+            classifiers ``llmkd_sentiment`` / ``eval_dataset``); results in ``results.json`` and ``results.md``.
+        eval_limit: examples per task (None: all).
+        eval_teacher: also score the teacher, for the retention ratio (True).
+        report: write ``report.html`` with PNG curves (True).
+        hub_endpoint: the Hub server ``push_to_hub`` publishes to (default: huggingface_hub's, ``HF_ENDPOINT``).
+            ``push_to_hub=True`` publishes once, after training, with llmkd's model card. ``hub_token`` is refused
+            (the Trainer would pickle it into every checkpoint): the token comes from ``HF_TOKEN`` or
+            ``hf auth login``.
     """
 
     init_student_from_config: bool = field(

@@ -455,6 +455,13 @@ class DistillTrainer(Trainer):
             logs[prefix + key] = round(value, 6)
         super().log(logs, start_time)
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """llmkd's model card (method, teacher, hyperparameters, evaluation; :mod:`llmkd.hub`) instead of the
+        Trainer's draft, so that ``push_to_hub()`` uploads the card ``llmkd publish`` writes."""
+        from ..hub import create_trainer_model_card
+
+        create_trainer_model_card(self)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The distillation loss; for classifiers also the student's (B, C) logits and the labels, so that
         ``compute_metrics`` (accuracy by default) sees predictions. LM evaluation is loss-only (no (N x V) logits

@@ -1,0 +1,134 @@
+"""Where evaluation tasks come from: llmkd's offline tasks (``eval/`` in the repository) and lm-eval's registry.
+
+- Language-model tasks are lm-eval task YAMLs: llmkd's own in ``eval/tasks/`` (offline data in ``eval/data/``) and
+  every task lm-eval ships (its data is fetched by ``datasets`` when reachable).
+- Classification tasks (for sequence-classifier students) are small YAMLs in ``eval/classification/`` naming a data
+  file of GLUE-style rows; a path to such a file (jsonl/json/csv/parquet) works as a task name too.
+
+The ``eval/`` folder is found next to the installed package (a source checkout or an editable install); set
+``LLMKD_EVAL_DIR`` to use another one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import yaml
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class EvaluationError(ValueError):
+    """An evaluation was asked for something that cannot be evaluated (unknown task, missing model, ...)."""
+
+
+def eval_dir() -> str:
+    """The folder holding llmkd's task definitions and data (``LLMKD_EVAL_DIR`` or ``<repository>/eval``)."""
+    override = os.environ.get("LLMKD_EVAL_DIR")
+    if override:
+        return os.path.abspath(override)
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "eval")
+
+
+def lm_tasks_dir() -> str:
+    return os.path.join(eval_dir(), "tasks")
+
+
+def parse_task_list(tasks: str | list[str] | None) -> list[str]:
+    """``"a,b , c"`` -> ``["a", "b", "c"]``; duplicates are dropped, order kept."""
+    if tasks is None:
+        return []
+    items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    names: list[str] = []
+    for item in (str(i).strip() for i in items):
+        if item and item not in names:
+            names.append(item)
+    return names
+
+
+class _IgnoreTags(yaml.SafeLoader):
+    """Reads task YAMLs for their names without running lm-eval's ``!function`` tags."""
+
+
+_IgnoreTags.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+@lru_cache(maxsize=8)
+def _local_lm_task_names(folder: str) -> tuple[str, ...]:
+    names = []
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith((".yaml", ".yml")):
+                with open(os.path.join(folder, name), encoding="utf-8") as handle:
+                    content = yaml.load(handle, Loader=_IgnoreTags) or {}
+                if isinstance(content, dict) and content.get("task"):
+                    names.append(str(content["task"]))
+    return tuple(names)
+
+
+def local_lm_tasks() -> list[str]:
+    """The names of llmkd's offline lm-eval tasks."""
+    return list(_local_lm_task_names(lm_tasks_dir()))
+
+
+@dataclass(frozen=True)
+class ClassificationTask:
+    """A held-out set of GLUE-style rows (``sentence`` / ``sentence1``+``sentence2`` / ..., ``label``) scored with
+    ``evaluate``'s accuracy and F1 of the classifier's argmax."""
+
+    name: str
+    data_file: str
+    metrics: tuple[str, ...] = ("accuracy", "f1")
+
+
+def local_classification_tasks() -> dict[str, ClassificationTask]:
+    folder = os.path.join(eval_dir(), "classification")
+    tasks: dict[str, ClassificationTask] = {}
+    if not os.path.isdir(folder):
+        return tasks
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith((".yaml", ".yml")):
+            continue
+        with open(os.path.join(folder, name), encoding="utf-8") as handle:
+            spec = yaml.safe_load(handle) or {}
+        data_file = os.path.join(eval_dir(), "data", spec["data_file"])
+        tasks[spec["task"]] = ClassificationTask(spec["task"], data_file, tuple(spec.get("metrics", ("accuracy", "f1"))))
+    return tasks
+
+
+def classification_task(name: str) -> ClassificationTask | None:
+    """The classification task ``name`` (a local task, or a data file path), or None if it is neither."""
+    local = local_classification_tasks()
+    if name in local:
+        return local[name]
+    if name.endswith(DATA_SUFFIXES) and os.path.isfile(name):
+        return ClassificationTask(os.path.basename(name), os.path.abspath(name))
+    return None
+
+
+def task_manager(names: list[str], include_path: str | None = None):
+    """An lm-eval ``TaskManager`` that knows ``names``: llmkd's local tasks (plus ``include_path``), and lm-eval's
+    built-in registry only when a name is not local (indexing it takes seconds). Unknown names are an
+    :class:`EvaluationError` naming the closest known task."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [lm_tasks_dir()] + ([os.path.abspath(include_path)] if include_path else [])
+    paths = [p for p in paths if os.path.isdir(p)]
+    manager = TaskManager(include_path=paths or None, include_defaults=False)
+    if any(name not in manager.all_tasks for name in names):
+        manager = TaskManager(include_path=paths or None, include_defaults=True)
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, manager.all_tasks + list(local_classification_tasks()), n=3)
+            hints.append(f"{name!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+        raise EvaluationError(
+            f"Unknown evaluation task {', '.join(hints)}. llmkd's offline tasks: {', '.join(local_lm_tasks())} "
+            f"(language models), {', '.join(local_classification_tasks()) or 'none'} (classifiers); any lm-eval task "
+            f"name works too (`lm-eval ls tasks` lists them), or a folder of task YAMLs via include_path."
+        )
+    return manager
