@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, Qwen2MoeConfig, Qwen3MoeConfig
@@ -107,9 +108,13 @@ def _is_vlm(model: PreTrainedModel) -> bool:
 
 def _dense_layer_prefix(model: PreTrainedModel) -> str:
     """The state-dict prefix of the decoder layers: 'model.layers.' or 'model.language_model.layers.'."""
-    names = [name for name, _ in model.named_parameters() if ".layers.0." in name]
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for name, module in model.named_modules():
+        if decoder is not None and module is decoder and hasattr(module, "layers"):
+            return f"{name}.layers." if name else "layers."
+    names = [name for name, _ in model.named_parameters() if ".layers.0.mlp.gate_proj." in name]
     if not names:
-        raise ValueError(f"Cannot find the decoder layers of {type(model).__name__} (no '.layers.0.' parameter).")
+        raise ValueError(f"Cannot find the decoder layers of {type(model).__name__}.")
     return names[0].split("layers.0.")[0] + "layers."
 
 
@@ -143,10 +148,12 @@ def upcycle_to_moe(model: PreTrainedModel, num_experts: int = 4, top_k: int = 2,
     else:
         config = moe_text
     parameter = next(model.parameters())
-    if _is_vlm(model):
-        moe = type(model)._from_config(config, dtype=parameter.dtype)
-    else:
-        moe = AutoModelForCausalLM.from_config(config, dtype=parameter.dtype)
+    with warnings.catch_warnings():  # Qwen2-MoE's zero-width shared expert: "zero-element tensors" init warnings
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        if _is_vlm(model):
+            moe = type(model)._from_config(config, dtype=parameter.dtype)
+        else:
+            moe = AutoModelForCausalLM.from_config(config, dtype=parameter.dtype)
     moe.to(parameter.device)
 
     prefix = _dense_layer_prefix(model)
