@@ -8,3 +8,9 @@ from .trainers import DistillTrainer, SinKDConfig, SinKDTrainer, TAIDConfig, TAI
 __all__ = [
     "DistillConfig", "DistillTrainer", "SinKDConfig", "SinKDTrainer", "TAIDConfig", "TAIDTrainer", "__version__",
 ]
+
+# DHO (importing registers DualHeadModel with the transformers Auto classes)
+from .models.dual_head import DualHeadConfig, DualHeadModel  # noqa: E402
+from .trainers.dho import DHOConfig, DHOTrainer  # noqa: E402
+
+__all__ += ["DHOConfig", "DHOTrainer", "DualHeadConfig", "DualHeadModel"]

@@ -31,6 +31,7 @@ METHODS: dict[str, MethodEntry] = {
     "kd": MethodEntry("kd", "llmkd.config:DistillConfig", "llmkd.trainers.base:DistillTrainer"),
     "taid": MethodEntry("taid", "llmkd.trainers.taid:TAIDConfig", "llmkd.trainers.taid:TAIDTrainer"),
     "sinkd": MethodEntry("sinkd", "llmkd.trainers.sinkd:SinKDConfig", "llmkd.trainers.sinkd:SinKDTrainer"),
+    "dho": MethodEntry("dho", "llmkd.trainers.dho:DHOConfig", "llmkd.trainers.dho:DHOTrainer"),
 }
 
 

@@ -5,3 +5,7 @@ from .sinkd import SinKDConfig, SinKDTrainer
 from .taid import TAIDConfig, TAIDTrainer
 
 __all__ = ["DistillTrainer", "SinKDConfig", "SinKDTrainer", "TAIDConfig", "TAIDTrainer"]
+
+from .dho import DHOConfig, DHOTrainer  # noqa: E402
+
+__all__ += ["DHOConfig", "DHOTrainer"]

@@ -1,0 +1,194 @@
+"""Image data for DHO (ALGORITHMS.md section 4): the labeled / unlabeled split of a train split, on-the-fly image
+processing with ``transformers`` image processors, precomputed teacher logits, and the paired dataset whose item
+is one labeled and one unlabeled example (so every batch holds B labeled and B unlabeled images).
+
+Rows are ``datasets`` rows with an image column (PIL images, or arrays ``(H, W)`` / ``(H, W, C)``) and a label
+column (class ids; ``-1`` or None marks a row as unlabeled). Rows that already hold ``pixel_values`` are used as
+they are.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+UNLABELED = -1
+_AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(%?)\s*$")
+
+
+def parse_amount(value, total: int, what: str = "labeled") -> int:
+    """A count (``128``, ``"128"``) or a percentage of ``total`` (``"1%"``, rounded, at least 1)."""
+    match = _AMOUNT.match(str(value))
+    if match is None:
+        raise ValueError(f"{what}={value!r} is neither a count (e.g. 128) nor a percentage (e.g. '1%').")
+    number, percent = float(match.group(1)), bool(match.group(2))
+    if percent:
+        if not 0 < number <= 100:
+            raise ValueError(f"{what}={value!r}: a percentage must be in (0, 100].")
+        return max(1, int(round(total * number / 100.0)))
+    if number != int(number) or number < 1:
+        raise ValueError(f"{what}={value!r}: a count must be a whole number >= 1.")
+    if number > total:
+        raise ValueError(f"{what}={value!r} asks for more rows than the {total} available; lower it or give a "
+                         "percentage such as '10%'.")
+    return int(number)
+
+
+def row_labels(dataset, label_column: str) -> list[int]:
+    """The labels of ``dataset`` as ints, ``-1`` for missing ones (read without decoding images)."""
+    if label_column not in dataset.column_names:
+        raise ValueError(f"The dataset has no label column {label_column!r}; its columns are "
+                         f"{dataset.column_names}. Set label_column.")
+    return [UNLABELED if label is None else int(label) for label in dataset[label_column]]
+
+
+def check_labels(labels, num_labels: int, split: str, allow_unlabeled: bool) -> None:
+    """Refuse labels outside ``[0, num_labels)`` (``-1`` allowed for unlabeled train rows)."""
+    low = UNLABELED if allow_unlabeled else 0
+    bad = sorted({label for label in labels if not low <= label < num_labels})
+    if bad:
+        unlabeled = " (-1 marks an unlabeled train row)" if allow_unlabeled else ""
+        raise ValueError(
+            f"The {split} split has labels {bad[:10]} outside [0, {num_labels}){unlabeled}: the model has "
+            f"{num_labels} classes. Give the student num_labels / id2label covering every class, or fix the labels."
+        )
+
+
+def stratified_labeled_indices(labels, amount: int, seed: int) -> list[int]:
+    """``amount`` indices of labeled rows (label >= 0), spread over classes as evenly as possible: classes are
+    visited round-robin in a seeded order, each giving its rows in a seeded order; returned sorted."""
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        if label >= 0:
+            by_class.setdefault(label, []).append(index)
+    available = sum(len(v) for v in by_class.values())
+    if amount > available:
+        raise ValueError(f"Asked for {amount} labeled rows but the train split has only {available} rows with a "
+                         "label.")
+    rng = random.Random(seed)
+    classes = sorted(by_class)
+    rng.shuffle(classes)
+    for indices in by_class.values():
+        rng.shuffle(indices)
+    chosen, depth = [], 0
+    while len(chosen) < amount:
+        for label in classes:
+            if depth < len(by_class[label]) and len(chosen) < amount:
+                chosen.append(by_class[label][depth])
+        depth += 1
+    return sorted(chosen)
+
+
+def to_rgb(image):
+    """A PIL RGB image from a PIL image or an array ``(H, W)`` / ``(H, W, C)`` (floats are taken in [0, 1])."""
+    from PIL import Image
+
+    if isinstance(image, dict) and ("bytes" in image or "path" in image):
+        import io
+
+        image = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        if array.dtype != np.uint8:
+            array = np.clip(np.rint(array.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+        image = Image.fromarray(array)
+    return image.convert("RGB")
+
+
+class ImageTransform:
+    """A ``datasets.Dataset.with_transform`` function: ``image_column`` -> ``pixel_values`` (3, H, W) through the
+    student's image processor (and ``teacher_pixel_values`` through the teacher's, when it is given), the label
+    column -> ``labels``; ``teacher_logits`` pass through. Rows that already hold ``pixel_values`` keep them."""
+
+    def __init__(self, image_processor, image_column: str = "image", label_column: str = "label",
+                 teacher_image_processor=None):
+        self.image_processor = image_processor
+        self.teacher_image_processor = teacher_image_processor
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __call__(self, batch: dict) -> dict:
+        out = {}
+        if "pixel_values" in batch:
+            out["pixel_values"] = torch.as_tensor(np.asarray(batch["pixel_values"]), dtype=torch.float32)
+        else:
+            if self.image_column not in batch:
+                raise ValueError(f"The dataset has no image column {self.image_column!r} (nor pixel_values); its "
+                                 f"columns are {sorted(batch)}. Set image_column.")
+            images = [to_rgb(image) for image in batch[self.image_column]]
+            out["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
+            if self.teacher_image_processor is not None:
+                out["teacher_pixel_values"] = self.teacher_image_processor(images, return_tensors="pt")[
+                    "pixel_values"]
+        if self.label_column in batch:
+            out["labels"] = torch.tensor([UNLABELED if v is None else int(v) for v in batch[self.label_column]])
+        if "teacher_logits" in batch:
+            out["teacher_logits"] = torch.as_tensor(np.asarray(batch["teacher_logits"]), dtype=torch.float32)
+        return out
+
+
+@torch.no_grad()
+def compute_teacher_logits(teacher, dataset, image_processor, *, image_column: str = "image",
+                           batch_size: int = 64, device=None, desc: str = "teacher logits") -> np.ndarray:
+    """Run the teacher once over ``dataset``: ``(N, C)`` float32 logits, in row order."""
+    parameter = next(teacher.parameters(), None)
+    device = device or (parameter.device if parameter is not None else "cpu")
+    transform = ImageTransform(image_processor, image_column=image_column, label_column="\0none")
+    chunks = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, unit="batch"):
+        rows = dataset[start:start + batch_size]
+        pixel_values = transform(rows)["pixel_values"].to(device)
+        chunks.append(teacher(pixel_values=pixel_values).logits.float().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
+
+
+def _cycled_order(length: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``length`` indices in ``[0, size)``: seeded permutations of ``range(size)`` one after another."""
+    repeats = math.ceil(length / size)
+    return np.concatenate([rng.permutation(size) for _ in range(repeats)])[:length]
+
+
+class PairedDataset(torch.utils.data.Dataset):
+    """Item ``i`` pairs a labeled example with an unlabeled one, so a batch of B items is a labeled batch and an
+    unlabeled batch of B each. Its length is the larger set's size (an epoch sees every example of the larger set
+    once); the smaller set is cycled in seeded permutations, as the official code cycles its labeled loader.
+
+    Both datasets return ``pixel_values`` (3, H, W) [and ``teacher_logits`` (C,) / ``teacher_pixel_values``];
+    the labeled one ``labels``. An item is ``{pixel_values, labels, [teacher_*], unlabeled_pixel_values,
+    [unlabeled_teacher_*]}``.
+    """
+
+    def __init__(self, labeled, unlabeled, seed: int = 0):
+        if len(labeled) == 0:
+            raise ValueError("No labeled examples: DHO's CE head needs at least one labeled row.")
+        if len(unlabeled) == 0:
+            raise ValueError("No unlabeled examples: DHO distils on unlabeled images. Label fewer train rows "
+                             "(labeled='1%'), give unlabeled_dataset=..., or mark rows unlabeled with label -1.")
+        self.labeled, self.unlabeled = labeled, unlabeled
+        length = max(len(labeled), len(unlabeled))
+        rng = np.random.default_rng(seed)
+        self.labeled_order = _cycled_order(length, len(labeled), rng)
+        self.unlabeled_order = _cycled_order(length, len(unlabeled), rng)
+
+    def __len__(self) -> int:
+        return len(self.labeled_order)
+
+    def __getitem__(self, index: int) -> dict:
+        labeled = self.labeled[int(self.labeled_order[index])]
+        unlabeled = self.unlabeled[int(self.unlabeled_order[index])]
+        item = {key: value for key, value in labeled.items()}
+        for key, value in unlabeled.items():
+            if key != "labels":
+                item["unlabeled_" + key] = value
+        return item
+
+
+__all__ = [
+    "ImageTransform", "PairedDataset", "UNLABELED", "check_labels", "compute_teacher_logits", "parse_amount",
+    "row_labels", "stratified_labeled_indices", "to_rgb",
+]

@@ -1,0 +1,595 @@
+"""DHO: Dual-Head Optimization, semi-supervised distillation of a vision-language teacher into a compact image
+classifier (arXiv 2505.07675; ALGORITHMS.md section 4).
+
+Each step draws a labeled batch ``(x_l, y)`` and an unlabeled batch ``x_u`` of the same size (one
+:class:`~llmkd.data.images.PairedDataset` item holds one of each) and minimises
+
+    L = lam * CE(h_ce(z_l), y) + (1 - lam) * T^2 * [KL(p_t(x_l) || q_kd(x_l)) + KL(p_t(x_u) || q_kd(x_u))]
+
+with ``p_t`` and ``q_kd`` softened by ``T`` (2), ``lam = ce_weight`` (0.5): the CE head never sees unlabeled data,
+the KD head sees both. Each term is a mean over its examples of the optimizer step (the sums are divided by the
+step's global labeled count, which equals its unlabeled count), so gradient accumulation and data parallelism give
+the gradient of one large batch.
+
+At each evaluation on the trainer's ``eval_dataset`` (the VALIDATION split), ``alpha`` and ``beta`` of the
+inference rule ``p = alpha softmax(h_ce) + (1 - alpha) softmax(h_kd / beta)`` are grid-searched on its predictions
+and stored in the model's config, so the checkpoint saved after that evaluation carries them; at the end of
+training with ``load_best_model_at_end`` the best checkpoint's ``alpha``/``beta`` are restored with its weights.
+``trainer.evaluate(test_set, metric_key_prefix="test")`` never searches: it scores the stored weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoImageProcessor, Trainer, TrainingArguments, default_data_collator
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..data.images import (
+    UNLABELED,
+    ImageTransform,
+    PairedDataset,
+    check_labels,
+    compute_teacher_logits,
+    parse_amount,
+    row_labels,
+    stratified_labeled_indices,
+)
+from ..data.sources import load_dataset_splits
+from ..heads import unwrap_model
+from ..loading import resolve_dtype
+from ..losses import forward_kl
+from ..models.clip_teacher import DEFAULT_TEMPLATES, CLIPZeroShotClassifier
+from ..models.dual_head import (
+    DEFAULT_ALPHA_GRID,
+    DEFAULT_BETA_GRID,
+    DualHeadConfig,
+    DualHeadModel,
+    combine_head_predictions,
+    search_inference_weights,
+)
+from ..teacher import prepare_teacher
+
+logger = logging.getLogger(__name__)
+TEACHER_TYPES = ("auto", "clip", "classifier")
+
+
+@dataclass
+class DHOConfig(TrainingArguments):
+    r"""Configuration for :class:`DHOTrainer`. Every ``TrainingArguments`` field works; ``per_device_train_batch_size``
+    is the size of the labeled batch AND of the unlabeled batch of a step. Defaults that differ from
+    TrainingArguments: ``remove_unused_columns=False`` (images are processed on the fly), ``logging_steps=10``,
+    ``metric_for_best_model="accuracy"`` (the validation accuracy at the searched alpha/beta).
+
+    Parameters that name the student:
+        model_name_or_path: a saved :class:`~llmkd.DualHeadModel`, or any transformers vision model (a CLIP
+            checkpoint gives its vision tower; ResNet, ViT, MobileNetV2, ConvNeXt, ...) that becomes the backbone of
+            a new dual-head student (pretrained weights, or fresh ones with ``init_student_from_config``).
+        init_student_from_config: build the backbone from its config with fresh weights (seeded by ``seed``).
+        student_feature_pooling: how backbone outputs become features (``auto``, ``pooler``, ``cls``, ``mean``).
+        trust_remote_code: allow custom model code (False).
+
+    Parameters that control the teacher:
+        teacher_model_name_or_path: a ``CLIPModel`` checkpoint (a zero-shot classifier is built from class names
+            and templates) or any image classifier over the same classes.
+        teacher_type: ``auto`` (CLIP checkpoints are zero-shot classifiers), ``clip`` or ``classifier``.
+        class_names / class_names_file: one name per label id (a file: one per line); default: the names of the
+            dataset's ``ClassLabel`` label column.
+        prompt_templates: CLIP prompt templates with one ``{}`` each (default ``["a photo of a {}."]``).
+        teacher_logit_scale: the zero-shot logit scale (100, the paper's; 0 = the checkpoint's own).
+        teacher_dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``auto``.
+        precompute_teacher_logits: run the teacher once over the labeled and unlabeled rows before training (True);
+            False runs it on every batch. Rows that already hold ``teacher_logits`` never need a teacher.
+        teacher_batch_size: batch size of that pass (64).
+
+    Parameters that control the data:
+        dataset_name / dataset_config / dataset_train_split / dataset_eval_split: as in every llmkd recipe; the
+            eval split is the VALIDATION split the inference weights are searched on (never give the test split).
+        validation_size: without an eval split, hold this many (count or percentage, stratified) train rows out as
+            the validation split; they are neither labeled nor unlabeled training data.
+        image_column / label_column: the columns holding images and class ids (``-1``/None = unlabeled row).
+        labeled: how many labeled train rows to keep labels for: a count (``"128"``) or a percentage of the
+            labeled train rows (``"1%"``), sampled per class as evenly as possible (seeded by ``data_seed`` or
+            ``seed``); the other rows become unlabeled.
+
+    Parameters that control the loss and the inference weights:
+        ce_weight: ``lam`` (0.5). temperature: ``T`` (2.0).
+        single_head: the single-head CE+KD baseline: both terms train the CE head, the KD head is unused and the
+            prediction is the CE head's (alpha = 1).
+        search_inference_weights: grid-search alpha/beta at each evaluation on the validation split (True).
+        alpha_grid / beta_grid: the grids (default: alpha 0..1 step 0.05; beta 0.5, 0.75, 1, 1.25, 1.5, 2, 4).
+    """
+
+    # student
+    model_name_or_path: str | None = field(default=None, metadata={"help": "The student or its vision backbone."})
+    init_student_from_config: bool = field(default=False, metadata={"help": "Fresh backbone weights."})
+    student_feature_pooling: str = field(default="auto", metadata={"help": "auto, pooler, cls or mean."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code (off by default)."})
+    # teacher
+    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP checkpoint or classifier."})
+    teacher_type: str = field(default="auto", metadata={"help": f"One of {TEACHER_TYPES}."})
+    class_names: list[str] | None = field(default=None, metadata={"help": "One class name per label id."})
+    class_names_file: str | None = field(default=None, metadata={"help": "A file with one class name per line."})
+    prompt_templates: list[str] | None = field(default=None, metadata={"help": "CLIP prompt templates with {}."})
+    teacher_logit_scale: float = field(default=100.0, metadata={"help": "Zero-shot logit scale (0: the model's)."})
+    teacher_dtype: str = field(default="float32", metadata={"help": "Teacher dtype."})
+    precompute_teacher_logits: bool = field(default=True, metadata={"help": "Run the teacher once before training."})
+    teacher_batch_size: int = field(default=64, metadata={"help": "Batch size of the teacher pass."})
+    # data
+    dataset_name: str | None = field(default=None, metadata={"help": "Dataset: local file/folder or Hub name."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
+    dataset_eval_split: str | None = field(default=None, metadata={"help": "Validation split (alpha/beta search)."})
+    validation_size: str | None = field(default=None, metadata={"help": "Train rows held out as validation."})
+    image_column: str = field(default="image", metadata={"help": "Image column."})
+    label_column: str = field(default="label", metadata={"help": "Label column."})
+    labeled: str = field(default="1%", metadata={"help": "Labeled train rows: a count or a percentage."})
+    # loss and inference weights
+    ce_weight: float = field(default=0.5, metadata={"help": "lam: weight of the CE term; KD gets 1 - lam."})
+    temperature: float = field(default=2.0, metadata={"help": "KD temperature T (loss scaled by T^2)."})
+    single_head: bool = field(default=False, metadata={"help": "Single-head CE+KD baseline."})
+    search_inference_weights: bool = field(default=True, metadata={"help": "Search alpha/beta on validation."})
+    alpha_grid: list[float] | None = field(default=None, metadata={"help": "alpha grid (default 0..1 step .05)."})
+    beta_grid: list[float] | None = field(default=None, metadata={"help": "beta grid."})
+    # TrainingArguments defaults changed for DHO
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the image columns."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    metric_for_best_model: str | None = field(default="accuracy", metadata={"help": "Best-checkpoint metric."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.teacher_type not in TEACHER_TYPES:
+            raise ValueError(f"teacher_type={self.teacher_type!r} is not one of {TEACHER_TYPES}.")
+        if not 0.0 <= self.ce_weight <= 1.0:
+            raise ValueError(f"ce_weight (lam) must be in [0, 1], got {self.ce_weight}.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.teacher_logit_scale < 0:
+            raise ValueError(f"teacher_logit_scale must be >= 0 (0 = the checkpoint's own), got "
+                             f"{self.teacher_logit_scale}.")
+        parse_amount(self.labeled, 10**12, "labeled")  # the format; the size is checked against the data
+        if self.validation_size is not None:
+            parse_amount(self.validation_size, 10**12, "validation_size")
+        for name, grid in (("alpha_grid", self.alpha_grid), ("beta_grid", self.beta_grid)):
+            if grid is not None and not grid:
+                raise ValueError(f"{name} must not be empty.")
+        if self.alpha_grid and not all(0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise ValueError(f"alpha_grid values must be in [0, 1], got {self.alpha_grid}.")
+        if self.beta_grid and not all(b > 0 for b in self.beta_grid):
+            raise ValueError(f"beta_grid values must be > 0, got {self.beta_grid}.")
+
+
+@dataclass
+class DHOLoss:
+    """The loss of a batch and its three terms (each a mean over its examples)."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kd_labeled: torch.Tensor
+    kd_unlabeled: torch.Tensor
+
+
+def dho_loss(ce_logits: torch.Tensor, kd_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
+             unlabeled_kd_logits: torch.Tensor, unlabeled_teacher_logits: torch.Tensor, *, ce_weight: float = 0.5,
+             temperature: float = 2.0, labeled_count=None, unlabeled_count=None) -> DHOLoss:
+    """``lam * CE(h_ce(z_l), y) + (1 - lam) * T^2 * [KL(p_t(x_l) || q_kd(x_l)) + KL(p_t(x_u) || q_kd(x_u))]``.
+
+    Args:
+        ce_logits / kd_logits: ``(B_l, C)`` the two heads on the labeled batch.
+        labels: ``(B_l,)`` class ids.
+        teacher_logits: ``(B_l, C)`` the teacher on the labeled batch.
+        unlabeled_kd_logits / unlabeled_teacher_logits: ``(B_u, C)`` the KD head and the teacher on the unlabeled
+            batch.
+        labeled_count / unlabeled_count: the divisors of the labeled and unlabeled sums (the step's global counts
+            under gradient accumulation / data parallelism); default ``B_l`` and ``B_u``.
+    Returns:
+        :class:`DHOLoss`; the KL terms include the ``T^2`` factor (:func:`llmkd.losses.forward_kl`).
+    """
+    num_labels = ce_logits.shape[-1]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
+        raise ValueError(f"Labels must be class ids in [0, {num_labels}), got values from {int(labels.min())} to "
+                         f"{int(labels.max())}.")
+    for name, student, teacher in (("labeled", kd_logits, teacher_logits),
+                                   ("unlabeled", unlabeled_kd_logits, unlabeled_teacher_logits)):
+        if student.shape != teacher.shape:
+            raise ValueError(f"On the {name} batch the student's KD logits {tuple(student.shape)} and the teacher's "
+                             f"logits {tuple(teacher.shape)} differ in shape: the teacher must score the student's "
+                             f"{num_labels} classes.")
+    labeled_count = labels.numel() if labeled_count is None else labeled_count
+    unlabeled_count = unlabeled_kd_logits.shape[0] if unlabeled_count is None else unlabeled_count
+    ce = F.cross_entropy(ce_logits.float(), labels.long(), reduction="sum") / _at_least_one(labeled_count)
+    kd_labeled = forward_kl(kd_logits, teacher_logits, temperature=temperature, reduction="sum") / _at_least_one(
+        labeled_count)
+    kd_unlabeled = forward_kl(unlabeled_kd_logits, unlabeled_teacher_logits, temperature=temperature,
+                              reduction="sum") / _at_least_one(unlabeled_count)
+    loss = ce_weight * ce + (1.0 - ce_weight) * (kd_labeled + kd_unlabeled)
+    return DHOLoss(loss=loss, ce=ce, kd_labeled=kd_labeled, kd_unlabeled=kd_unlabeled)
+
+
+def _at_least_one(count):
+    if isinstance(count, torch.Tensor):
+        return count.float().clamp_min(1)
+    return max(float(count), 1.0)
+
+
+class DHOTrainer(Trainer):
+    """Train a :class:`~llmkd.DualHeadModel` with DHO (see the module docstring).
+
+    Args:
+        model: a ``DualHeadModel``, or a name/path (a saved dual-head model, or a vision backbone).
+        teacher_model: a ``CLIPModel`` (with ``teacher_processing_class`` a ``CLIPProcessor``), a
+            :class:`~llmkd.models.clip_teacher.CLIPZeroShotClassifier`, any image classifier, or a name/path. Not
+            needed when the rows carry ``teacher_logits``.
+        args: a :class:`DHOConfig`.
+        train_dataset: image rows (``image_column``, ``label_column``); ``args.labeled`` of them keep their labels.
+        eval_dataset: the VALIDATION split (alpha/beta are searched on it).
+        unlabeled_dataset: extra unlabeled image rows.
+        processing_class: the student's image processor; teacher_processing_class: the teacher's.
+        class_names: one name per class id (overrides ``args.class_names``).
+    """
+
+    _tag_names = ["llmkd", "distillation", "dho"]
+
+    def __init__(self, model=None, teacher_model=None, args: DHOConfig | None = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, unlabeled_dataset=None, processing_class=None,
+                 teacher_processing_class=None, class_names=None, callbacks=None, optimizers=(None, None),
+                 **kwargs):
+        args = args if args is not None else DHOConfig(output_dir="llmkd_output")
+        if not isinstance(args, DHOConfig):
+            raise TypeError(f"DHOTrainer needs a DHOConfig, got {type(args).__name__}.")
+        if train_dataset is None and eval_dataset is None and args.dataset_name:
+            train_dataset, eval_dataset = load_dataset_splits(args)
+        if train_dataset is None:
+            raise ValueError("DHO needs a train split of images: pass train_dataset=... or set dataset_name.")
+        if eval_dataset is None and args.validation_size is not None:
+            train_dataset, eval_dataset = self._hold_out_validation(train_dataset, args)
+
+        class_names = self._class_names(class_names, args, train_dataset, model)
+        model, processing_class = self._student(model, args, processing_class, class_names)
+        num_labels = model.config.num_labels
+        if class_names is not None and len(class_names) != num_labels:
+            raise ValueError(f"{len(class_names)} class names were given but the student has {num_labels} classes; "
+                             "give exactly one name per label id, in label order.")
+        self.class_names = class_names
+
+        self._num_labels = num_labels
+        self._image_transform = ImageTransform(processing_class, args.image_column, args.label_column)
+        if eval_dataset is not None:
+            eval_dataset = self.prepare_eval_dataset(eval_dataset, "validation")
+        labeled, unlabeled = self._split(train_dataset, unlabeled_dataset, args, num_labels)
+
+        has_logits = all("teacher_logits" in ds.column_names for ds in (labeled, unlabeled))
+        teacher = None
+        if not has_logits and not (args.ce_weight == 1.0):
+            teacher, teacher_processing_class = self._teacher(teacher_model, args, teacher_processing_class,
+                                                              class_names, processing_class)
+            teacher_classes = getattr(teacher, "num_labels", None) or teacher.config.num_labels
+            if teacher_classes != num_labels:
+                raise ValueError(f"The teacher scores {teacher_classes} classes but the student has {num_labels}; "
+                                 "both must classify into the same classes, in the same order.")
+            if args.precompute_teacher_logits:
+                labeled, unlabeled = (self._with_teacher_logits(ds, teacher, teacher_processing_class, args, name)
+                                      for ds, name in ((labeled, "labeled"), (unlabeled, "unlabeled")))
+                teacher = None
+        elif has_logits:
+            for ds, name in ((labeled, "labeled"), (unlabeled, "unlabeled")):
+                width = len(ds[0]["teacher_logits"]) if len(ds) else num_labels
+                if width != num_labels:
+                    raise ValueError(f"The {name} rows' teacher_logits have {width} classes but the student has "
+                                     f"{num_labels}.")
+
+        separate_teacher_pixels = teacher is not None and not _same_processor(teacher_processing_class,
+                                                                              processing_class)
+        teacher_pixels = teacher_processing_class if separate_teacher_pixels else None
+        labeled = labeled.with_transform(ImageTransform(processing_class, args.image_column, args.label_column,
+                                                        teacher_pixels))
+        unlabeled = unlabeled.with_transform(ImageTransform(processing_class, args.image_column, "\0none",
+                                                            teacher_pixels))
+        self.labeled_dataset, self.unlabeled_dataset = labeled, unlabeled
+        train_dataset = PairedDataset(labeled, unlabeled, seed=_data_seed(args))
+
+        super().__init__(
+            model=model, args=args, data_collator=data_collator or default_data_collator,
+            train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+            callbacks=callbacks, optimizers=optimizers,
+            compute_metrics=kwargs.pop("compute_metrics", None) or self._accuracy_metrics, **kwargs,
+        )
+        # the loss divides by the step's global labeled count: let the Trainer count it and not rescale
+        self.model_accepts_loss_kwargs = True
+        self.teacher = None if teacher is None else prepare_teacher(
+            teacher, self.accelerator, is_deepspeed=self.is_deepspeed_enabled, is_fsdp=self.is_fsdp_enabled)
+        if args.single_head:
+            unwrap_model(self.model).set_inference_weights(1.0, 1.0)
+        self._search_on_this_evaluation = False
+        self._loss_sums = defaultdict(float)
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    @staticmethod
+    def _hold_out_validation(train_dataset, args: DHOConfig):
+        labels = row_labels(train_dataset, args.label_column)
+        size = parse_amount(args.validation_size, sum(label >= 0 for label in labels), "validation_size")
+        held = set(stratified_labeled_indices(labels, size, _data_seed(args) + 1))
+        rest = [i for i in range(len(train_dataset)) if i not in held]
+        return (train_dataset.select(rest, keep_in_memory=True),
+                train_dataset.select(sorted(held), keep_in_memory=True))
+
+    @staticmethod
+    def _class_names(class_names, args: DHOConfig, train_dataset, model) -> list[str] | None:
+        if class_names is None:
+            class_names = args.class_names
+        if class_names is None and args.class_names_file:
+            with open(args.class_names_file, encoding="utf-8") as handle:
+                class_names = [line.strip() for line in handle if line.strip()]
+        if class_names is None:
+            feature = getattr(train_dataset, "features", {}).get(args.label_column)
+            class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+        if class_names is None and isinstance(model, DualHeadModel):
+            names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+            class_names = None if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
+        return None if class_names is None else [str(n) for n in class_names]
+
+    @staticmethod
+    def _student(model, args: DHOConfig, processing_class, class_names):
+        model = model if model is not None else args.model_name_or_path
+        if model is None:
+            raise ValueError("No student: pass model=... or set model_name_or_path (a saved DualHeadModel or a vision "
+                             "backbone such as microsoft/resnet-18).")
+        id2label = None if class_names is None else dict(enumerate(class_names))
+        if isinstance(model, str):
+            name = model
+            if processing_class is None:
+                processing_class = AutoImageProcessor.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+            config = AutoConfig.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+            if isinstance(config, DualHeadConfig):
+                model = DualHeadModel.from_pretrained(name)
+            else:
+                if id2label is None:
+                    raise ValueError(f"{name!r} is a backbone, not a dual-head student: the number of classes comes "
+                                     "from the class names; set class_names (or use a ClassLabel label column).")
+                if args.init_student_from_config:
+                    torch.manual_seed(args.seed)
+                    model = DualHeadModel(DualHeadConfig(
+                        backbone_config=config, id2label=id2label, label2id={v: k for k, v in id2label.items()},
+                        feature_pooling=args.student_feature_pooling))
+                else:
+                    model = DualHeadModel.from_backbone(name, id2label=id2label,
+                                                        feature_pooling=args.student_feature_pooling,
+                                                        trust_remote_code=args.trust_remote_code)
+        if not isinstance(unwrap_model(model), DualHeadModel):
+            raise TypeError(f"The DHO student must be a DualHeadModel, got {type(model).__name__}; wrap a vision "
+                            "backbone with DualHeadModel.from_backbone(name, num_labels=...) or "
+                            "DualHeadModel(DualHeadConfig(backbone_config=..., num_labels=...)).")
+        if processing_class is None:
+            raise ValueError("The student was given as a model object: pass its image processor as "
+                             "processing_class=... (e.g. AutoImageProcessor.from_pretrained(backbone_name)).")
+        return model, processing_class
+
+    @staticmethod
+    def _teacher(teacher, args: DHOConfig, teacher_processing_class, class_names, student_processor):
+        teacher = teacher if teacher is not None else args.teacher_model_name_or_path
+        if teacher is None:
+            raise ValueError("No teacher: pass teacher_model=... or set teacher_model_name_or_path, or give rows that "
+                             "already hold teacher_logits.")
+        templates = args.prompt_templates or list(DEFAULT_TEMPLATES)
+        scale = args.teacher_logit_scale or None
+        if isinstance(teacher, str):
+            name = teacher
+            config = AutoConfig.from_pretrained(name, trust_remote_code=args.trust_remote_code)
+            is_clip = args.teacher_type == "clip" or (args.teacher_type == "auto" and config.model_type == "clip")
+            dtype = resolve_dtype(args.teacher_dtype) if args.teacher_dtype != "auto" else "auto"
+            if is_clip:
+                if class_names is None:
+                    raise ValueError("A CLIP teacher classifies by class names: set class_names (one per label id).")
+                teacher = CLIPZeroShotClassifier.from_pretrained(name, class_names, templates, logit_scale=scale,
+                                                                 dtype=dtype)
+            else:
+                from transformers import AutoModelForImageClassification
+
+                teacher = AutoModelForImageClassification.from_pretrained(
+                    name, dtype=dtype, trust_remote_code=args.trust_remote_code)
+            if teacher_processing_class is None:
+                teacher_processing_class = AutoImageProcessor.from_pretrained(
+                    name, trust_remote_code=args.trust_remote_code)
+        elif type(teacher).__name__ == "CLIPModel":
+            tokenizer = getattr(teacher_processing_class, "tokenizer", None)
+            if tokenizer is None or class_names is None:
+                raise ValueError("A CLIPModel teacher object needs teacher_processing_class=CLIPProcessor(...) (its "
+                                 "tokenizer embeds the prompts) and class_names.")
+            teacher = CLIPZeroShotClassifier.from_model(teacher, tokenizer, class_names, templates, logit_scale=scale)
+        teacher_processing_class = getattr(teacher_processing_class, "image_processor", teacher_processing_class)
+        if teacher_processing_class is None:
+            logger.info("No teacher image processor given: the teacher sees the student's pixel_values.")
+        return teacher, teacher_processing_class
+
+    @staticmethod
+    def _split(train_dataset, unlabeled_dataset, args: DHOConfig, num_labels: int):
+        labels = row_labels(train_dataset, args.label_column)
+        check_labels(labels, num_labels, "train", allow_unlabeled=True)
+        labeled_rows = sum(label != UNLABELED for label in labels)
+        if labeled_rows == 0:
+            raise ValueError("The train split has no labeled rows (every label is -1/None): DHO needs some labels.")
+        amount = parse_amount(args.labeled, labeled_rows, "labeled")
+        chosen = stratified_labeled_indices(labels, amount, _data_seed(args))
+        chosen_set = set(chosen)
+        rest = [i for i in range(len(train_dataset)) if i not in chosen_set]
+        keep = [c for c in (args.image_column, "pixel_values", "teacher_logits") if c in train_dataset.column_names]
+        unlabeled = train_dataset.select(rest, keep_in_memory=True).select_columns(keep)
+        if unlabeled_dataset is not None:
+            extra = unlabeled_dataset.select_columns([c for c in keep if c in unlabeled_dataset.column_names])
+            try:
+                extra = extra.cast(unlabeled.features, keep_in_memory=True)
+                unlabeled = datasets.concatenate_datasets([unlabeled, extra])
+            except Exception as error:  # noqa: BLE001 - datasets raises several types here
+                raise ValueError(f"unlabeled_dataset does not match the train split's columns/types ({keep}): "
+                                 f"{error}") from error
+        labeled = train_dataset.select(chosen, keep_in_memory=True).flatten_indices(keep_in_memory=True)
+        # in memory: no cache files are written next to the dataset (a recipe's data folder stays clean)
+        unlabeled = unlabeled.flatten_indices(keep_in_memory=True)
+        logger.info("DHO data: %d labeled rows (labeled=%r), %d unlabeled rows.", len(labeled), args.labeled,
+                    len(unlabeled))
+        if len(unlabeled) == 0:
+            raise ValueError(f"No unlabeled data: labeled={args.labeled!r} keeps the labels of all {labeled_rows} "
+                             "train rows. DHO distils on unlabeled images: label fewer rows (e.g. labeled='10%'), "
+                             "pass unlabeled_dataset=..., or mark rows unlabeled with label -1.")
+        return labeled, unlabeled
+
+    @staticmethod
+    def _with_teacher_logits(dataset, teacher, image_processor, args: DHOConfig, name: str):
+        if "teacher_logits" in dataset.column_names:
+            return dataset
+        if image_processor is None:
+            raise ValueError("Precomputing teacher logits needs the teacher's image processor: pass "
+                             "teacher_processing_class=...")
+        teacher.to(args.device)
+        logits = compute_teacher_logits(teacher, dataset, image_processor, image_column=args.image_column,
+                                        batch_size=args.teacher_batch_size, desc=f"teacher logits ({name})")
+        return dataset.add_column("teacher_logits", [row for row in logits.astype(np.float32)])
+
+    def prepare_eval_dataset(self, dataset, split: str = "evaluation"):
+        """Image rows -> rows with ``pixel_values`` and ``labels`` (labels checked), processed on the fly."""
+        if isinstance(dataset, datasets.Dataset) and dataset.format.get("type") != "custom":
+            check_labels(row_labels(dataset, self._image_transform.label_column), self._num_labels, split,
+                         allow_unlabeled=False)
+            return dataset.with_transform(self._image_transform)
+        return dataset
+
+    # ------------------------------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "unlabeled_pixel_values" not in inputs:  # an evaluation batch: NLL of the combined prediction
+            outputs = model(pixel_values=inputs["pixel_values"], labels=inputs.get("labels"))
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+        labeled_pixels, unlabeled_pixels = inputs["pixel_values"], inputs["unlabeled_pixel_values"]
+        size = labeled_pixels.shape[0]
+        # one forward over both batches (the official code does the same; BatchNorm sees both)
+        outputs = model(pixel_values=torch.cat([labeled_pixels, unlabeled_pixels]))
+        ce_logits = outputs.ce_logits
+        kd_logits = ce_logits if self.args.single_head else outputs.kd_logits
+        teacher_labeled = self._teacher_logits(inputs, "")
+        teacher_unlabeled = self._teacher_logits(inputs, "unlabeled_")
+        unlabeled_count = None
+        if num_items_in_batch is not None:  # paired items: the step's unlabeled count equals its labeled count
+            unlabeled_count = num_items_in_batch * (unlabeled_pixels.shape[0] / size)
+        result = dho_loss(ce_logits[:size], kd_logits[:size], inputs["labels"], teacher_labeled, kd_logits[size:],
+                          teacher_unlabeled, ce_weight=self.args.ce_weight, temperature=self.args.temperature,
+                          labeled_count=num_items_in_batch, unlabeled_count=unlabeled_count)
+        # per-example sums for the logs (device tensors: no host synchronisation per micro-batch)
+        for key, divisor in (("ce", num_items_in_batch), ("kd_labeled", num_items_in_batch),
+                             ("kd_unlabeled", unlabeled_count)):
+            divisor = (size if key != "kd_unlabeled" else unlabeled_pixels.shape[0]) if divisor is None else divisor
+            self._loss_sums[key] = self._loss_sums[key] + getattr(result, key).detach() * divisor
+        self._loss_sums["examples"] += size
+        loss = result.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _teacher_logits(self, inputs, prefix: str) -> torch.Tensor:
+        if prefix + "teacher_logits" in inputs:
+            return inputs[prefix + "teacher_logits"].float()
+        if self.teacher is None:
+            if self.args.ce_weight == 1.0:  # CE only: the KD terms have weight 0
+                return torch.zeros(inputs[prefix + "pixel_values"].shape[0], self.model.config.num_labels,
+                                   device=inputs[prefix + "pixel_values"].device)
+            raise ValueError("The batch has no teacher_logits and the trainer has no teacher.")
+        pixels = inputs.get(prefix + "teacher_pixel_values", inputs[prefix + "pixel_values"])
+        return self.teacher(pixel_values=pixels).logits.float()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._loss_sums.get("examples"):
+            count = self._loss_sums.pop("examples")
+            for key in ("ce", "kd_labeled", "kd_unlabeled"):
+                logs[f"{key}_loss"] = round(float(self._loss_sums.pop(key)) / count, 6)
+        super().log(logs, start_time)
+
+    # -------------------------------------------------------------------------------------------- evaluation
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The NLL of the combined prediction, and both heads' logits stacked ``(B, 2, C)`` for the search."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(pixel_values=inputs["pixel_values"], labels=inputs.get("labels"))
+        loss = None if outputs.loss is None else outputs.loss.detach()
+        if prediction_loss_only:
+            return loss, None, None
+        heads = torch.stack([outputs.ce_logits.detach(), outputs.kd_logits.detach()], dim=1)
+        return loss, heads, inputs.get("labels")
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """Evaluate; on the trainer's own ``eval_dataset`` (the validation split) first grid-search alpha/beta
+        and store them in the model. Any other dataset (a test split) is scored with the stored weights."""
+        search = (eval_dataset is None and self.args.search_inference_weights and not self.args.single_head)
+        if eval_dataset is not None:
+            eval_dataset = self.prepare_eval_dataset(eval_dataset)
+        self._search_on_this_evaluation = search
+        try:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._search_on_this_evaluation = False
+
+    def _accuracy_metrics(self, prediction) -> dict[str, float]:
+        heads = torch.as_tensor(np.asarray(prediction.predictions))  # (N, 2, C)
+        labels = torch.as_tensor(np.asarray(prediction.label_ids)).long()
+        ce_logits, kd_logits = heads[:, 0], heads[:, 1]
+        model = unwrap_model(self.model)
+        metrics = {}
+        if self._search_on_this_evaluation:
+            found = search_inference_weights(ce_logits, kd_logits, labels, self.args.alpha_grid or DEFAULT_ALPHA_GRID,
+                                             self.args.beta_grid or DEFAULT_BETA_GRID)
+            model.set_inference_weights(found.alpha, found.beta)
+        alpha, beta = model.config.alpha, model.config.beta
+        predicted = combine_head_predictions(ce_logits, kd_logits, alpha, beta).argmax(-1)
+        metrics["accuracy"] = (predicted == labels).double().mean().item()
+        metrics["ce_head_accuracy"] = (ce_logits.argmax(-1) == labels).double().mean().item()
+        if not self.args.single_head:
+            metrics["kd_head_accuracy"] = (kd_logits.argmax(-1) == labels).double().mean().item()
+        metrics["alpha"], metrics["beta"] = float(alpha), float(beta)
+        return metrics
+
+    # ------------------------------------------------------------------------------------ inference weights
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """``Trainer.train``; a resumed run starts from the checkpoint's alpha/beta, and with
+        ``load_best_model_at_end`` the best checkpoint's alpha/beta come back with its weights."""
+        if resume_from_checkpoint:
+            folder = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True \
+                else resume_from_checkpoint
+            if folder:
+                self._restore_inference_weights(folder)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint:
+            self._restore_inference_weights(self.state.best_model_checkpoint)
+        return output
+
+    def _restore_inference_weights(self, folder: str) -> None:
+        path = os.path.join(folder, "config.json")
+        if not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        if "alpha" in config and "beta" in config:
+            unwrap_model(self.model).set_inference_weights(config["alpha"], config["beta"])
+
+
+def _same_processor(first, second) -> bool:
+    if first is None or second is None:
+        return first is second or first is None
+    if first is second:
+        return True
+    try:
+        return type(first) is type(second) and first.to_dict() == second.to_dict()
+    except Exception:  # noqa: BLE001 - a processor without to_dict is compared by identity
+        return False
+
+
+def _data_seed(args) -> int:
+    return args.data_seed if args.data_seed is not None else args.seed
+
+
+__all__ = ["DHOConfig", "DHOLoss", "DHOTrainer", "dho_loss"]
