@@ -297,6 +297,17 @@ def check_publishable(output_dir: str) -> None:
                            "save_pretrained before publishing.")
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Connection failures as huggingface_hub's HTTP client raises them (httpx, or its fork httpx2)."""
+    errors: list[type[BaseException]] = [OSError, ValueError]
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(__import__(module).HTTPError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
 def publish(output_dir: str, repo_id: str, *, private: bool = False, revision: str | None = None,
             endpoint: str | None = None, commit_message: str | None = None) -> dict[str, Any]:
     """Upload a run's output directory to ``repo_id`` in one commit, with llmkd's model card.
@@ -312,8 +323,11 @@ def publish(output_dir: str, repo_id: str, *, private: bool = False, revision: s
     if not repo_id or repo_id.count("/") > 1 or repo_id.startswith("/") or repo_id.endswith("/"):
         raise PublishError(f"--repo-id {repo_id!r} is not a repository id: use ORG/NAME (or NAME for your "
                            "own namespace).")
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-        raise PublishError("HF_HUB_OFFLINE is set, which blocks every request to the Hub: unset it to publish.")
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        raise PublishError("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, which blocks every request to the Hub: "
+                           "unset it to publish.")
     files = files_to_upload(output_dir)
     card = str(build_model_card(output_dir, repo_id)).encode("utf-8")
     api = HfApi(endpoint=endpoint)
@@ -334,7 +348,7 @@ def publish(output_dir: str, repo_id: str, *, private: bool = False, revision: s
         raise PublishError(f"Publishing {output_dir!r} to {where} failed (HTTP {status}): {server.strip()}\n"
                            f"Nothing in {output_dir!r} was changed. Check the repository id, that your token "
                            "(HF_TOKEN or `hf auth login`) may write to it, and the endpoint.") from None
-    except (OSError, ValueError) as error:
+    except _transport_errors() as error:
         raise PublishError(f"Publishing {output_dir!r} to {where} failed: {error}\n"
                            f"Nothing in {output_dir!r} was changed.") from None
     with open(os.path.join(output_dir, CARD_FILE), "wb") as handle:

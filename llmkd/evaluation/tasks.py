@@ -113,13 +113,11 @@ def task_manager(names: list[str], include_path: str | None = None):
     """An lm-eval ``TaskManager`` that knows ``names``: llmkd's local tasks (plus ``include_path``), and lm-eval's
     built-in registry only when a name is not local (indexing it takes seconds). Unknown names are an
     :class:`EvaluationError` naming the closest known task."""
-    from lm_eval.tasks import TaskManager
-
     paths = [lm_tasks_dir()] + ([os.path.abspath(include_path)] if include_path else [])
-    paths = [p for p in paths if os.path.isdir(p)]
-    manager = TaskManager(include_path=paths or None, include_defaults=False)
+    paths = tuple(p for p in paths if os.path.isdir(p))
+    manager = _task_manager(paths, include_defaults=False)
     if any(name not in manager.all_tasks for name in names):
-        manager = TaskManager(include_path=paths or None, include_defaults=True)
+        manager = _task_manager(paths, include_defaults=True)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         hints = []
@@ -132,3 +130,11 @@ def task_manager(names: list[str], include_path: str | None = None):
             f"name works too (`lm-eval ls tasks` lists them), or a folder of task YAMLs via include_path."
         )
     return manager
+
+
+@lru_cache(maxsize=4)
+def _task_manager(paths: tuple[str, ...], include_defaults: bool):
+    """One index per set of folders and process (indexing lm-eval's ~15k built-in task YAMLs takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths) or None, include_defaults=include_defaults)
