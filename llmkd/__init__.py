@@ -14,3 +14,10 @@ from .models.dual_head import DualHeadConfig, DualHeadModel  # noqa: E402
 from .trainers.dho import DHOConfig, DHOTrainer  # noqa: E402
 
 __all__ += ["DHOConfig", "DHOTrainer", "DualHeadConfig", "DualHeadModel"]
+
+# MoE mimic + preference distillation (LLaVA-MoD)
+from .models.moe import upcycle_to_moe  # noqa: E402
+from .trainers.moe import MoEMimicConfig, MoEMimicTrainer  # noqa: E402
+from .trainers.preference import PreferenceDistillConfig, PreferenceDistillTrainer  # noqa: E402
+
+__all__ += ["MoEMimicConfig", "MoEMimicTrainer", "PreferenceDistillConfig", "PreferenceDistillTrainer", "upcycle_to_moe"]

@@ -31,6 +31,9 @@ METHODS: dict[str, MethodEntry] = {
     "kd": MethodEntry("kd", "llmkd.config:DistillConfig", "llmkd.trainers.base:DistillTrainer"),
     "taid": MethodEntry("taid", "llmkd.trainers.taid:TAIDConfig", "llmkd.trainers.taid:TAIDTrainer"),
     "sinkd": MethodEntry("sinkd", "llmkd.trainers.sinkd:SinKDConfig", "llmkd.trainers.sinkd:SinKDTrainer"),
+    "moe_mimic": MethodEntry("moe_mimic", "llmkd.trainers.moe:MoEMimicConfig", "llmkd.trainers.moe:MoEMimicTrainer"),
+    "preference": MethodEntry("preference", "llmkd.trainers.preference:PreferenceDistillConfig",
+                              "llmkd.trainers.preference:PreferenceDistillTrainer"),
     "dho": MethodEntry("dho", "llmkd.trainers.dho:DHOConfig", "llmkd.trainers.dho:DHOTrainer"),
 }
 

@@ -40,13 +40,14 @@ def tiny_dense(family: str, vocab: int, hidden: int = 32, layers: int = 3, seed:
     raise ValueError(family)
 
 
-def tiny_llava(vocab: int, hidden: int, seed: int, layers: int = 2) -> LlavaForConditionalGeneration:
+def tiny_llava(vocab: int, hidden: int, seed: int, layers: int = 2, image_token_id: int = IMAGE_TOKEN
+               ) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                               image_size=8, patch_size=4)
     text = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
     return LlavaForConditionalGeneration(config)
 

@@ -9,3 +9,8 @@ __all__ = ["DistillTrainer", "SinKDConfig", "SinKDTrainer", "TAIDConfig", "TAIDT
 from .dho import DHOConfig, DHOTrainer  # noqa: E402
 
 __all__ += ["DHOConfig", "DHOTrainer"]
+
+from .moe import MoEMimicConfig, MoEMimicTrainer  # noqa: E402
+from .preference import PreferenceDistillConfig, PreferenceDistillTrainer  # noqa: E402
+
+__all__ += ["MoEMimicConfig", "MoEMimicTrainer", "PreferenceDistillConfig", "PreferenceDistillTrainer"]
