@@ -80,7 +80,7 @@ class CLIPZeroShotClassifier(nn.Module):
         self.visual_projection = clip_model.visual_projection
         self.config = clip_model.config
         self.register_buffer("class_embeddings", class_embeddings.detach().float().clone(), persistent=False)
-        scale = float(clip_model.logit_scale.exp()) if logit_scale is None else float(logit_scale)
+        scale = float(clip_model.logit_scale.detach().exp()) if logit_scale is None else float(logit_scale)
         if scale <= 0:
             raise ValueError(f"logit_scale must be > 0, got {scale}.")
         self.logit_scale = scale
