@@ -169,21 +169,46 @@ def _is_hub_id(name: str | None) -> bool:
     return name.count("/") == 1 and all(part and " " not in part for part in name.split("/"))
 
 
-def _task_type(kind: str) -> str:
-    return "text-classification" if kind == "classification" else "text-generation"
+# (pipeline tag, Auto model class, processing class) by what the saved model is
+_MODEL_KINDS = {
+    "text-generation": ("AutoModelForCausalLM", "AutoTokenizer"),
+    "text-classification": ("AutoModelForSequenceClassification", "AutoTokenizer"),
+    "image-classification": ("AutoModelForImageClassification", "AutoImageProcessor"),
+    "image-text-to-text": ("AutoModelForImageTextToText", "AutoProcessor"),
+}
 
 
-def eval_results_for_card(results: dict | None) -> list:
-    """The student's scores as huggingface_hub ``EvalResult`` entries (the card's ``model-index``)."""
+def pipeline_tag(output_dir: str) -> str:
+    """The Hub pipeline tag of the model saved in ``output_dir``, from its config's architectures."""
+    path = os.path.join(output_dir, "config.json")
+    architectures: list[str] = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        architectures = config.get("architectures") or []
+        if config.get("vision_config") and config.get("text_config"):
+            return "image-text-to-text"
+    names = " ".join(architectures)
+    if "ForSequenceClassification" in names:
+        return "text-classification"
+    if "ForImageClassification" in names or "DualHeadModel" in names:
+        return "image-classification"
+    return "text-generation"
+
+
+def eval_results_for_card(results: dict | None, task_type: str = "text-generation") -> list:
+    """The student's scores as huggingface_hub ``EvalResult`` entries (the card's ``model-index``);
+    ``task_type``: the model's pipeline tag (lm-eval tasks are text generation)."""
     from huggingface_hub import EvalResult
 
     entries = []
     if not results:
         return entries
     for task, entry in results["student"]["scores"].items():
+        kind = task_type if entry.get("kind") == "classification" else "text-generation"
         for metric, value in entry["metrics"].items():
             entries.append(EvalResult(
-                task_type=_task_type(entry.get("kind", "lm-eval")), dataset_type=task, dataset_name=task,
+                task_type=kind, dataset_type=task, dataset_name=task,
                 metric_type=metric, metric_name=metric, metric_value=round(float(value), 6),
             ))
     return entries
@@ -214,12 +239,13 @@ def build_model_card(output_dir: str, repo_id: str | None = None, *, summary: di
     if results and results.get("retention"):
         distillation["retention"] = results["retention"]
         distillation["teacher_scores"] = {t: e["metrics"] for t, e in results["teacher"]["scores"].items()}
+    tag = pipeline_tag(output_dir)
     data = ModelCardData(
-        model_name=name, library_name="transformers",
+        model_name=name, library_name="transformers", pipeline_tag=tag,
         base_model=student if _is_hub_id(student) and not fresh else None,
         datasets=[d for d in datasets if _is_hub_id(d)] or None,
         tags=["llmkd", "distillation", "knowledge-distillation", method],
-        eval_results=eval_results_for_card(results) or None,
+        eval_results=eval_results_for_card(results, tag) or None,
         llmkd=_plain(distillation),
     )
     lines = [f"# {name}", "",
@@ -244,9 +270,13 @@ def build_model_card(output_dir: str, repo_id: str | None = None, *, summary: di
         lines += ["## Training curves", ""]
         lines += [f"![{os.path.splitext(os.path.basename(p))[0]}]({p})" for p in plots]
         lines.append("")
-    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'model = AutoModelForCausalLM.from_pretrained("{repo_id or name}")',
-              f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or name}")', "```", ""]
+    model_class, processing_class = _MODEL_KINDS[tag]
+    lines += ["## Use", "", "```python"]
+    if summary.get("method") == "dho":
+        lines.append("import llmkd  # registers the DualHeadModel class with transformers' Auto classes")
+    lines += [f"from transformers import {model_class}, {processing_class}", "",
+              f'model = {model_class}.from_pretrained("{repo_id or name}")',
+              f'processor = {processing_class}.from_pretrained("{repo_id or name}")', "```", ""]
     if os.path.isfile(os.path.join(output_dir, RECIPE_FILE)):
         lines += [f"The recipe that trained it is `{RECIPE_FILE}` (`llmkd train --config {RECIPE_FILE}`).", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))

@@ -14,6 +14,7 @@ from utils import classification_rows, make_tokenizer, tiny_bert_classifier
 from llmkd import DistillConfig, DistillTrainer
 from llmkd.evaluation import EvaluationError, evaluate_paths
 from llmkd.evaluation.classification import F1, Accuracy, classification_scores, predict_batches
+from llmkd.evaluation.run import score_clip_teacher
 from llmkd.report import finish_run
 
 
@@ -113,3 +114,49 @@ def test_end_of_training_classifier_evaluation_on_the_eval_split(tmp_path, singl
     assert set(results["retention"]) == {"eval_dataset", "llmkd_sentiment"}
     for name in ("results.json", "results.md", "report.html", "README.md", "llmkd_run.json"):
         assert (tmp_path / "run" / name).is_file(), name
+
+
+DHO_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "assets",
+                          "dho-tiny")
+
+
+def test_image_classifier_dho_student_and_clip_teacher(tmp_path):
+    """A DHO student (image classifier) on llmkd_digits; its CLIP teacher scored as a zero-shot classifier over the
+    dataset's class names; both checked against direct predictions."""
+    from datasets import load_from_disk
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+    from llmkd.models.clip_teacher import CLIPZeroShotClassifier
+
+    torch.manual_seed(0)
+    student = AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(
+        os.path.join(DHO_ASSETS, "student")))
+    student.save_pretrained(str(tmp_path / "student"))
+    processor = AutoImageProcessor.from_pretrained(os.path.join(DHO_ASSETS, "student"))
+    processor.save_pretrained(str(tmp_path / "student"))
+    teacher_path = os.path.join(DHO_ASSETS, "teacher")
+    results = evaluate_paths(str(tmp_path / "student"), "llmkd_digits", teacher=teacher_path, limit=48,
+                             output_dir=str(tmp_path / "out"), batch_size=16)
+
+    rows = load_from_disk(os.path.join(DHO_ASSETS, "digits"))["test"].select(range(48))
+    labels = list(rows["label"])
+    images = [image.convert("RGB") for image in rows["image"]]
+    student.eval()
+    with torch.no_grad():
+        predicted = student(pixel_values=processor(images, return_tensors="pt")["pixel_values"]).logits.argmax(-1)
+    teacher = CLIPZeroShotClassifier.from_pretrained(teacher_path, rows.features["label"].names)
+    with torch.no_grad():
+        teacher_pixels = AutoImageProcessor.from_pretrained(teacher_path)(images, return_tensors="pt")["pixel_values"]
+        teacher_predicted = teacher(pixel_values=teacher_pixels).logits.argmax(-1)
+    accuracy = results["student"]["scores"]["llmkd_digits"]["metrics"]["accuracy"]
+    teacher_accuracy = results["teacher"]["scores"]["llmkd_digits"]["metrics"]["accuracy"]
+    assert accuracy == pytest.approx(sum(p == y for p, y in zip(predicted.tolist(), labels)) / 48)
+    assert teacher_accuracy == pytest.approx(sum(p == y for p, y in zip(teacher_predicted.tolist(), labels)) / 48)
+    assert teacher_accuracy > 0.5  # the shipped zero-shot teacher knows the digits
+    macro = sum(f1_by_hand(predicted.tolist(), labels, c) for c in range(10)) / 10
+    assert results["student"]["scores"]["llmkd_digits"]["metrics"]["f1"] == pytest.approx(macro)
+    assert results["retention"]["llmkd_digits"]["accuracy"] == pytest.approx(accuracy / teacher_accuracy)
+    with pytest.raises(EvaluationError, match="does not fit the model, an image classifier"):
+        evaluate_paths(str(tmp_path / "student"), "llmkd_sentiment", limit=4, output_dir=str(tmp_path / "out2"))
+    with pytest.raises(EvaluationError, match="image classification tasks only"):
+        score_clip_teacher(teacher_path, ["llmkd_addition_choice"], limit=4)

@@ -22,7 +22,7 @@ def synthetic_history(steps: int = 6) -> list[dict]:
     for step in range(1, steps + 1):
         history.append({"loss": 2.0 / step, "kd_loss": 1.0 / step, "ce_loss": 1.5 / step, "taid_t": 0.4 + 0.1 * step,
                         "learning_rate": 1e-3, "grad_norm": 1.0, "epoch": step / steps, "step": step,
-                        **{f"moe_load_expert_{e}": (e + step) / 10 for e in range(4)}})
+                        **{f"moe_load_e{e}": (e + step) / 10 for e in range(4)}})  # as MoE runs log
         if step % 3 == 0:
             history.append({"eval_loss": 2.5 / step, "eval_kd_loss": 1.2 / step, "eval_runtime": 0.1, "step": step,
                             "epoch": step / steps})
@@ -46,7 +46,7 @@ def assert_valid_png(path: str) -> tuple[int, int]:
 def test_method_curves_are_every_non_standard_numeric_key():
     groups = method_curves(synthetic_history())
     assert groups == {"kd_loss": ["kd_loss", "eval_kd_loss"], "ce_loss": ["ce_loss"], "taid_t": ["taid_t"],
-                      "moe_load_expert_N": [f"moe_load_expert_{e}" for e in range(4)]}
+                      "moe_load_e_N": [f"moe_load_e{e}" for e in range(4)]}
 
 
 def test_report_files_and_valid_pngs(tmp_path):
@@ -61,7 +61,7 @@ def test_report_files_and_valid_pngs(tmp_path):
     assert path == str(tmp_path / "report.html")
     plots = report_plots(str(tmp_path))
     assert plots == ["report/ce_loss.png", "report/evaluation.png", "report/kd_loss.png", "report/losses.png",
-                     "report/moe_load_expert_N.png", "report/taid_t.png"]
+                     "report/moe_load_e_N.png", "report/taid_t.png"]
     for plot in plots:
         assert_valid_png(str(tmp_path / plot))
     page = (tmp_path / "report.html").read_text()

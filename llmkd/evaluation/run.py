@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..loading import ModelLoadError, detect_task, load_causal_lm, load_processing_class, tokenizer_of
-from .classification import classification_scores, evaluate_classifier, predict_batches
+from .classification import classification_scores, evaluate_classifier, load_rows, model_kind, predict_batches
 from .harness import run_lm_eval
 from .results import combine, markdown_table, write_results
 from .tasks import EvaluationError, classification_task, parse_task_list
@@ -42,24 +42,81 @@ def check_model_dir(path: str, role: str) -> None:
                               f"(*.safetensors).{hint}")
 
 
+def _config(path: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise EvaluationError(f"Could not read the model configuration at {path!r}: {error}") from error
+
+
+def is_image_classifier_config(config) -> bool:
+    """A config that AutoModelForImageClassification builds and AutoModelForCausalLM does not (a ViT/ResNet
+    classifier, a DHO student)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification
+
+    mapping = AutoModelForImageClassification._model_mapping
+    return type(config) in mapping and type(config) not in AutoModelForCausalLM._model_mapping
+
+
 def load_for_evaluation(path: str, role: str, *, dtype: str = "float32", device: str | None = None,
                         trust_remote_code: bool = False):
-    """(model, tokenizer) from a folder or Hub name; a causal LM or, if its config says so, a sequence
-    classifier."""
+    """(model, tokenizer or image processor) from a folder or Hub name: a causal LM or, if its config says so, a
+    sequence classifier or an image classifier (safetensors only)."""
     check_model_dir(path, role)
-    task = detect_task(path, trust_remote_code=trust_remote_code)
-    try:
-        model = load_causal_lm(path, role=role, dtype=dtype, trust_remote_code=trust_remote_code, task=task)
-    except ModelLoadError as error:
-        raise EvaluationError(str(error)) from error
-    tokenizer = tokenizer_of(load_processing_class(path, role=role, trust_remote_code=trust_remote_code))
+    if _looks_local(path) and is_image_classifier_config(_config(path, trust_remote_code)):
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        try:
+            model = AutoModelForImageClassification.from_pretrained(path, use_safetensors=True,
+                                                                    trust_remote_code=trust_remote_code)
+            processing = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as error:
+            raise EvaluationError(f"Could not load the {role} image classifier {path!r}: {error}") from error
+    else:
+        task = detect_task(path, trust_remote_code=trust_remote_code)
+        try:
+            model = load_causal_lm(path, role=role, dtype=dtype, trust_remote_code=trust_remote_code, task=task)
+        except ModelLoadError as error:
+            raise EvaluationError(str(error)) from error
+        processing = tokenizer_of(load_processing_class(path, role=role, trust_remote_code=trust_remote_code))
     if device:
         model.to(device)
-    return model, tokenizer
+    return model, processing
+
+
+def score_clip_teacher(path: str, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
+                       device: str | None = None) -> dict[str, dict]:
+    """A CLIP checkpoint as a zero-shot image classifier (the DHO teacher): for each image classification task, a
+    :class:`~llmkd.models.clip_teacher.CLIPZeroShotClassifier` over the task's class names (its ``ClassLabel``
+    names, prompt ``"a photo of a {}."``)."""
+    from transformers import AutoImageProcessor
+
+    from ..models.clip_teacher import CLIPZeroShotClassifier
+
+    check_model_dir(path, "teacher")
+    scores = {}
+    for name in tasks:
+        spec = classification_task(name)
+        if spec is None:
+            raise EvaluationError(f"The teacher {path!r} is a CLIP model: it can be scored on image classification "
+                                  f"tasks only (llmkd_digits, a saved image dataset), not {name!r}.")
+        rows = load_rows(spec, limit)
+        feature = rows.features.get(spec.label_column)
+        class_names = getattr(feature, "names", None)
+        if not class_names:
+            raise EvaluationError(f"Task {name!r}: a CLIP teacher needs class names (a ClassLabel column "
+                                  f"{spec.label_column!r}) to build its zero-shot classifier.")
+        teacher = CLIPZeroShotClassifier.from_pretrained(path, class_names, dtype=torch.float32, device=device,
+                                                         use_safetensors=True)
+        processor = AutoImageProcessor.from_pretrained(path)
+        scores[name] = evaluate_classifier(teacher, processor, spec, limit=limit, batch_size=batch_size)
+    return scores
 
 
 def is_classifier(model) -> bool:
-    return detect_task(model) == "sequence_classification"
+    return model_kind(model) != "causal_lm"
 
 
 def score_model(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
@@ -86,13 +143,14 @@ def score_model(model, tokenizer, tasks: list[str], *, limit: int | None = None,
         if spec is not None:
             if not classifier:
                 raise EvaluationError(f"Task {name!r} is a classification task but the model is a "
-                                      f"{type(model).__name__}, not a sequence classifier: use lm-eval tasks such as "
+                                      f"{type(model).__name__}, not a classifier: use lm-eval tasks such as "
                                       "llmkd_addition_exact_match for language models.")
             scores[name] = evaluate_classifier(model, tokenizer, spec, limit=limit, batch_size=max(batch_size, 1))
         elif classifier:
-            raise EvaluationError(f"The model is a sequence classifier ({type(model).__name__}); task {name!r} is "
-                                  "not a classification task. Use llmkd_sentiment, a data file of GLUE-style rows, "
-                                  f"or {EVAL_SPLIT_TASK!r} at the end of training.")
+            raise EvaluationError(f"The model is a classifier ({type(model).__name__}); task {name!r} is not a "
+                                  "classification task. Use llmkd_sentiment (text), llmkd_digits (images), a data "
+                                  f"file or saved dataset folder (PATH[:split]), or {EVAL_SPLIT_TASK!r} at the end "
+                                  "of training.")
         else:
             lm_tasks.append(name)
     if lm_tasks:
@@ -140,9 +198,12 @@ def evaluate_paths(model: str, tasks: str | list[str], *, teacher: str | None = 
                               include_path=include_path, student_name=model)
     if teacher is not None:
         del student
-        teacher_model, teacher_tokenizer = load_for_evaluation(teacher, "teacher", dtype=dtype, device=device)
-        teacher_scores = score_model(teacher_model, teacher_tokenizer, names, limit=limit, batch_size=batch_size,
-                                     device=device, include_path=include_path)
+        if _looks_local(teacher) and getattr(_config(teacher, False), "model_type", None) == "clip":
+            teacher_scores = score_clip_teacher(teacher, names, limit=limit, batch_size=batch_size, device=device)
+        else:
+            teacher_model, teacher_tokenizer = load_for_evaluation(teacher, "teacher", dtype=dtype, device=device)
+            teacher_scores = score_model(teacher_model, teacher_tokenizer, names, limit=limit, batch_size=batch_size,
+                                         device=device, include_path=include_path)
         results = combine(results["student"], {"model": teacher, "scores": teacher_scores}, results["settings"])
     if output_dir is None:
         output_dir = model if os.path.isdir(model) else "eval_output"

@@ -2,8 +2,9 @@
 
 - Language-model tasks are lm-eval task YAMLs: llmkd's own in ``eval/tasks/`` (offline data in ``eval/data/``) and
   every task lm-eval ships (its data is fetched by ``datasets`` when reachable).
-- Classification tasks (for sequence-classifier students) are small YAMLs in ``eval/classification/`` naming a data
-  file of GLUE-style rows; a path to such a file (jsonl/json/csv/parquet) works as a task name too.
+- Classification tasks (for text and image classifier students) are small YAMLs in ``eval/classification/`` naming
+  a data file of GLUE-style rows or a saved dataset folder; a path to such a file (jsonl/json/csv/parquet) or
+  folder (``PATH[:split]``) works as a task name too.
 
 The ``eval/`` folder is found next to the installed package (a source checkout or an editable install); set
 ``LLMKD_EVAL_DIR`` to use another one.
@@ -76,15 +77,26 @@ def local_lm_tasks() -> list[str]:
 
 @dataclass(frozen=True)
 class ClassificationTask:
-    """A held-out set of GLUE-style rows (``sentence`` / ``sentence1``+``sentence2`` / ..., ``label``) scored with
-    ``evaluate``'s accuracy and F1 of the classifier's argmax."""
+    """A held-out set of labelled rows scored with ``evaluate``'s accuracy and F1 of a classifier's argmax: text rows
+    in a GLUE layout (``sentence`` / ``sentence1``+``sentence2`` / ..., ``label``) or images (``image_column``,
+    ``label``). ``data_path`` is a data file, or a folder written by ``Dataset(Dict).save_to_disk`` (then ``split``
+    picks the split)."""
 
     name: str
-    data_file: str
+    data_path: str
+    split: str | None = None
+    image_column: str = "image"
+    label_column: str = "label"
     metrics: tuple[str, ...] = ("accuracy", "f1")
 
 
+def repository_root() -> str:
+    return os.path.dirname(eval_dir())
+
+
 def local_classification_tasks() -> dict[str, ClassificationTask]:
+    """llmkd's offline classification tasks (``eval/classification/*.yaml``): ``data_file`` is relative to
+    ``eval/data``, ``dataset_dir`` to the repository root."""
     folder = os.path.join(eval_dir(), "classification")
     tasks: dict[str, ClassificationTask] = {}
     if not os.path.isdir(folder):
@@ -94,18 +106,28 @@ def local_classification_tasks() -> dict[str, ClassificationTask]:
             continue
         with open(os.path.join(folder, name), encoding="utf-8") as handle:
             spec = yaml.safe_load(handle) or {}
-        data_file = os.path.join(eval_dir(), "data", spec["data_file"])
-        tasks[spec["task"]] = ClassificationTask(spec["task"], data_file, tuple(spec.get("metrics", ("accuracy", "f1"))))
+        if "data_file" in spec:
+            path = os.path.join(eval_dir(), "data", spec["data_file"])
+        else:
+            path = os.path.join(repository_root(), spec["dataset_dir"])
+        tasks[spec["task"]] = ClassificationTask(
+            spec["task"], path, spec.get("split"), spec.get("image_column", "image"), spec.get("label_column", "label"),
+            tuple(spec.get("metrics", ("accuracy", "f1"))))
     return tasks
 
 
 def classification_task(name: str) -> ClassificationTask | None:
-    """The classification task ``name`` (a local task, or a data file path), or None if it is neither."""
+    """The classification task ``name``: a local task, a data file (jsonl/json/csv/parquet), or a folder saved with
+    ``save_to_disk`` optionally followed by ``:split`` (``digits:test``); None if it is none of these."""
     local = local_classification_tasks()
     if name in local:
         return local[name]
     if name.endswith(DATA_SUFFIXES) and os.path.isfile(name):
-        return ClassificationTask(os.path.basename(name), os.path.abspath(name))
+        return ClassificationTask(name, os.path.abspath(name))
+    path, _, split = name.rpartition(":") if ":" in name else (name, "", "")
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, marker)) for marker in
+                                   ("dataset_dict.json", "dataset_info.json", "state.json")):
+        return ClassificationTask(name, os.path.abspath(path), split or None)
     return None
 
 
