@@ -132,3 +132,50 @@ def test_report_can_be_turned_off(tmp_path):
     assert code == 0
     assert not (out / "report.html").exists() and not (out / "results.json").exists()
     assert (out / "README.md").is_file() and (out / "llmkd_run.json").is_file()
+
+
+def test_finish_run_for_the_moe_and_preference_trainers(tmp_path):
+    """The end of a run works for any llmkd trainer: MoEMimicTrainer (its per-expert load curves grouped in one
+    plot) and PreferenceDistillTrainer (a TRL DPOTrainer; the teacher is its ref_model)."""
+    import random
+
+    from datasets import Dataset
+    from utils import make_tokenizer, prompt_completion_rows, tiny_llama
+
+    from llmkd import MoEMimicConfig, MoEMimicTrainer, PreferenceDistillConfig, PreferenceDistillTrainer
+    from llmkd.report import finish_run
+
+    tokenizer = make_tokenizer()
+    common = dict(per_device_train_batch_size=4, max_steps=3, logging_steps=1, save_strategy="no", report_to="none",
+                  disable_tqdm=True, use_cpu=True, eval_tasks="llmkd_addition_choice", eval_limit=4)
+    moe = MoEMimicTrainer(model=tiny_llama(len(tokenizer), seed=1), teacher_model=tiny_llama(len(tokenizer), 48, seed=2),
+                          args=MoEMimicConfig(output_dir=str(tmp_path / "moe"), loss_chunk_size=16, **common),
+                          train_dataset=Dataset.from_list(prompt_completion_rows(16)), processing_class=tokenizer)
+    moe.train()
+    moe.save_model()
+    done = finish_run(moe)
+    assert "report/moe_load_e_N.png" in report_plots(str(tmp_path / "moe"))
+    assert_valid_png(str(tmp_path / "moe" / "report" / "moe_load_e_N.png"))
+    assert set(done["results"]["retention"]) == {"llmkd_addition_choice"}
+    assert json.loads((tmp_path / "moe" / "llmkd_run.json").read_text())["method"] == "moe_mimic"
+
+    rng = random.Random(0)
+    names = ["one", "two", "three", "four", "five", "the"]
+    rows = []
+    for _ in range(12):
+        a, b = rng.randint(0, 5), rng.randint(0, 5)
+        rows.append({"prompt": f"what is {names[a]} add {names[b]}", "chosen": f" sum is {names[(a + b) % 6]}",
+                     "rejected": f" sum is {names[(a + b + 1) % 6]}"})
+    preference = PreferenceDistillTrainer(
+        model=tiny_llama(len(tokenizer), seed=1), teacher_model=tiny_llama(len(tokenizer), seed=2),
+        args=PreferenceDistillConfig(output_dir=str(tmp_path / "pref"), beta=0.1, **common),
+        train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    preference.train()
+    preference.save_model()
+    done = finish_run(preference)
+    teacher_scores = done["results"]["teacher"]["scores"]["llmkd_addition_choice"]["metrics"]
+    assert 0.0 <= teacher_scores["acc"] <= 1.0  # the teacher (the DPO reference model) was scored
+    plots = report_plots(str(tmp_path / "pref"))
+    assert "report/losses.png" in plots and any("rewards" in p for p in plots), plots
+    card = (tmp_path / "pref" / "README.md").read_text()
+    assert "method: preference" in card and "beta: 0.1" in card
