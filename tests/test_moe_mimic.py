@@ -77,7 +77,7 @@ def test_d2s_upcycles_trains_only_the_ffns_and_round_trips(tmp_path, tokenizer, 
     assert type(model).__name__ == "Qwen2MoeForCausalLM" and is_moe_model(model)
     assert [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")] == [0, 2]
     for name, parameter in model.named_parameters():
-        assert parameter.requires_grad == (".mlp." in name), name
+        assert parameter.requires_grad == (".mlp." in name and "shared_expert" not in name), name
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
     with torch.no_grad():
         got = trainer.compute_loss(model, batch)
@@ -93,6 +93,7 @@ def test_d2s_upcycles_trains_only_the_ffns_and_round_trips(tmp_path, tokenizer, 
     assert any("experts" in k for k in changed) and any("mlp.gate.weight" in k for k in changed)
     assert any(k.endswith("layers.1.mlp.down_proj.weight") for k in changed)  # the remaining dense FFN trains too
     assert not any("self_attn" in k or "embed_tokens" in k or "lm_head" in k or "norm" in k for k in changed)
+    assert all(not v.any() for k, v in after.items() if "shared_expert" in k)  # the zero shared expert stays 0
     loads = [logged(trainer, f"moe_load_e{e}") for e in range(4)]
     assert all(len(series) == 12 for series in loads)
     for step in range(12):

@@ -50,6 +50,8 @@ def test_layers_0_2_4_are_sparse_with_exact_expert_copies(family):
             assert torch.equal(layer.mlp.gate_proj.weight, dense_mlp.gate_proj.weight)
     assert len(find_routers(moe)) == 3
     assert routing_shape(moe) == (4, 2)
+    shared = [v for k, v in moe.state_dict().items() if "shared_expert" in k]
+    assert all(not v.any() for v in shared) and (family == "qwen3") == (not shared)  # Qwen2-MoE: zero, adds 0
     assert moe.config.norm_topk_prob is True and moe.config.router_aux_loss_coef == 0.01
 
 

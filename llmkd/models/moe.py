@@ -12,20 +12,20 @@ The result is a model of a family transformers ships, saved with ``save_pretrain
 dense family      MoE family            how the layers map
 ================  ====================  ===========================================================
 Qwen3             Qwen3-MoE             same attention (q/k norms); ``mlp_only_layers`` = dense layers
-Qwen2             Qwen2-MoE             same attention (q/k/v biases); shared expert of width 0
-Llama             Qwen2-MoE             ``qkv_bias=False`` = Llama attention; shared expert of width 0
+Qwen2             Qwen2-MoE             same attention (q/k/v biases); an all-zero shared expert of width 1
+Llama             Qwen2-MoE             ``qkv_bias=False`` = Llama attention; the same zero shared expert
 ================  ====================  ===========================================================
 
-Qwen2-MoE always has a gated shared expert; with ``shared_expert_intermediate_size=0`` it adds exactly zero
-(its gate is a (1, d) weight that never matters). LLaVA-style VLMs are upcycled in their language model, the
-vision tower and projector are copied unchanged.
+Qwen2-MoE always has a gated shared expert. Upcycling gives it width 1 (``shared_expert_intermediate_size=1``)
+and all-zero weights, so it adds exactly zero; the MoE trainers keep it frozen (at zero), so the model stays the
+E-expert MoE of the paper. Width 0 would be cleaner but DeepSpeed ZeRO-3 cannot gather zero-element parameters.
+LLaVA-style VLMs are upcycled in their language model, the vision tower and projector are copied unchanged.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import warnings
 
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, Qwen2MoeConfig, Qwen3MoeConfig
@@ -92,7 +92,7 @@ def moe_config_for(dense: PretrainedConfig, num_experts: int = 4, top_k: int = 2
                                 head_dim=head_dim)
     else:
         config = Qwen2MoeConfig(**fields, **moe_fields, qkv_bias=(model_type == "qwen2"),
-                                shared_expert_intermediate_size=0)
+                                shared_expert_intermediate_size=1)
         config.head_dim = head_dim
     config.dtype = getattr(dense, "dtype", None)
     return config
@@ -148,12 +148,10 @@ def upcycle_to_moe(model: PreTrainedModel, num_experts: int = 4, top_k: int = 2,
     else:
         config = moe_text
     parameter = next(model.parameters())
-    with warnings.catch_warnings():  # Qwen2-MoE's zero-width shared expert: "zero-element tensors" init warnings
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        if _is_vlm(model):
-            moe = type(model)._from_config(config, dtype=parameter.dtype)
-        else:
-            moe = AutoModelForCausalLM.from_config(config, dtype=parameter.dtype)
+    if _is_vlm(model):
+        moe = type(model)._from_config(config, dtype=parameter.dtype)
+    else:
+        moe = AutoModelForCausalLM.from_config(config, dtype=parameter.dtype)
     moe.to(parameter.device)
 
     prefix = _dense_layer_prefix(model)
@@ -198,6 +196,6 @@ def _upcycled_tensor(name: str, like: torch.Tensor, source: dict, prefix: str, s
     if local == "mlp.gate.weight":  # the router (E, d)
         router = torch.randn(like.shape, generator=generator, dtype=torch.float32) * std
         return router.to(device=like.device, dtype=like.dtype)
-    if local.startswith("mlp.shared_expert"):  # Qwen2-MoE's zero-width shared expert and its gate
+    if local.startswith("mlp.shared_expert"):  # Qwen2-MoE's shared expert and its gate: all zero (adds 0)
         return torch.zeros(like.shape, dtype=like.dtype, device=like.device)
     raise RuntimeError(f"The MoE parameter {name} has no counterpart in the dense model.")

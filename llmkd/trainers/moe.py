@@ -14,6 +14,8 @@ Stages:
 - ``d2s`` (dense-to-sparse): a dense student is upcycled with :func:`~llmkd.upcycle_to_moe` (an MoE student is
   used as it is), then only the FFNs (experts, routers, and the remaining dense FFNs) and a VLM's projector
   train; attention, norms, embeddings and lm_head stay frozen.
+In both stages the all-zero shared expert that upcycling to Qwen2-MoE adds (see :mod:`llmkd.models.moe`) stays
+frozen at zero.
 """
 
 from __future__ import annotations
@@ -74,9 +76,11 @@ class MoEMimicConfig(DistillConfig):
 def stage_trainable(name: str, stage: str, freeze_vision_tower: bool = True) -> bool:
     """Whether the parameter ``name`` trains in ``stage`` (see the module docstring)."""
     is_vision = any(part in name.split(".") for part in _VISION_TOWER)
+    if "shared_expert" in name:
+        return False  # upcycling's all-zero Qwen2-MoE shared expert stays zero (llmkd.models.moe)
     if stage == "d2d":
         return not (is_vision and freeze_vision_tower)
-    return bool(_FFN_PARAMETER.search(name)) and not is_vision or _PROJECTOR in name
+    return (bool(_FFN_PARAMETER.search(name)) and not is_vision) or _PROJECTOR in name
 
 
 def freeze_for_stage(model: nn.Module, stage: str, freeze_vision_tower: bool = True) -> tuple[int, int]:
