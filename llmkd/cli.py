@@ -30,6 +30,10 @@ def _train(argv: list[str]) -> int:
     # instead of the Trainer creating the repository at start-up and uploading at every save.
     push = bool(getattr(config, "push_to_hub", False))
     config.push_to_hub = False
+    if getattr(config, "eval_tasks", None):  # an unknown task fails now, not after training
+        from .evaluation import validate_tasks
+
+        validate_tasks(config.eval_tasks)
     trainer = trainer_class(args=config)
     resume = known.resume_from_checkpoint
     if resume == "latest":

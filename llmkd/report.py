@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 import os
 import re
 from collections import OrderedDict
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 PLOTS_DIR = "report"
@@ -103,28 +106,38 @@ def _plot_lines(history: list[dict], keys: list[str], title: str, path: str, yla
 
 
 def plot_evaluation(results: dict, path: str) -> str | None:
-    """A bar chart of the student's (and teacher's) score per task and metric."""
-    from .evaluation.results import rows as result_rows
+    """Student (and teacher) scores, one panel per task and metric so that each has its own scale (accuracies and
+    perplexities side by side), titled with the retention ratio when there is a teacher."""
+    from .evaluation.results import _number, rows as result_rows
 
     table = result_rows(results)
     if not table:
         return None
-    plt, figure, axes = _new_axes()
-    labels = [f"{row['task']}\n{row['metric']}" for row in table]
-    positions = range(len(table))
-    with_teacher = any(row["teacher"] is not None for row in table)
-    width = 0.4 if with_teacher else 0.6
-    student = [row["student"] for row in table]
-    axes.bar([p - (width / 2 if with_teacher else 0) for p in positions], student, width, label="student")
-    if with_teacher:
-        teacher = [row["teacher"] if row["teacher"] is not None else 0.0 for row in table]
-        axes.bar([p + width / 2 for p in positions], teacher, width, label="teacher")
-    if max(abs(v) for v in student) > 100:
-        axes.set_yscale("log")
-    axes.set_xticks(list(positions), labels, fontsize=6, rotation=30, ha="right")
-    axes.set(title="End-of-training evaluation", ylabel="score")
-    axes.legend(fontsize=7)
-    figure.set_size_inches(max(6, 1.2 * len(table)), 4)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(len(table), 4)
+    lines = (len(table) + columns - 1) // columns
+    figure, axes = plt.subplots(lines, columns, figsize=(2.6 * columns, 2.6 * lines), squeeze=False)
+    for index, row in enumerate(table):
+        ax = axes[index // columns][index % columns]
+        names, values, colours = ["student"], [row["student"]], ["tab:blue"]
+        if row["teacher"] is not None:
+            names.append("teacher")
+            values.append(row["teacher"])
+            colours.append("tab:orange")
+        ax.bar(names, values, color=colours, width=0.6)
+        arrow = "↑" if row["higher_is_better"] else "↓"
+        title = f"{row['task']}\n{row['metric']} {arrow}"
+        if row["teacher"] is not None:
+            title += f"   retention {_number(row['retention'])}"
+        ax.set_title(title, fontsize=7)
+        ax.tick_params(labelsize=7)
+    for index in range(len(table), lines * columns):
+        axes[index // columns][index % columns].axis("off")
+    figure.suptitle("End-of-training evaluation", fontsize=9)
     return _save(plt, figure, path)
 
 
@@ -253,12 +266,20 @@ def finish_run(trainer, method: str | None = None, *, push: bool = False) -> dic
     os.makedirs(output_dir, exist_ok=True)
     summary = run_summary(args, method)
     write_run_summary(output_dir, summary)
-    results = evaluate_after_training(trainer)
+    results = failure = None
+    try:
+        results = evaluate_after_training(trainer)
+    except Exception as error:  # noqa: BLE001 - the report and card are still written, then the error is raised
+        logger.error("The end-of-training evaluation failed (%s: %s); writing the report and card without it.",
+                     type(error).__name__, error)
+        failure = error
     report = None
     if getattr(args, "report", True):
         report = write_report(output_dir, trainer.state.log_history, results=results, summary=summary)
     repo_id = getattr(args, "hub_model_id", None) or os.path.basename(os.path.abspath(output_dir))
     card = write_model_card(output_dir, repo_id if push else None, summary=summary, results=results)
+    if failure is not None:
+        raise failure  # nothing is published from a run whose evaluation failed
     published = None
     if push:
         published = publish(output_dir, repo_id, private=bool(getattr(args, "hub_private_repo", False)),

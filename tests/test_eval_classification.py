@@ -160,3 +160,19 @@ def test_image_classifier_dho_student_and_clip_teacher(tmp_path):
         evaluate_paths(str(tmp_path / "student"), "llmkd_sentiment", limit=4, output_dir=str(tmp_path / "out2"))
     with pytest.raises(EvaluationError, match="image classification tasks only"):
         score_clip_teacher(teacher_path, ["llmkd_addition_choice"], limit=4)
+
+
+def test_failed_end_of_training_evaluation_still_leaves_report_and_card(tmp_path, single_thread):
+    tokenizer = make_tokenizer()
+    args = DistillConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=8,
+                         report_to="none", save_strategy="no", use_cpu=True, eval_tasks="llmkd_addition_choice",
+                         push_to_hub=False)
+    trainer = DistillTrainer(model=tiny_bert_classifier(len(tokenizer), seed=1),
+                             teacher_model=tiny_bert_classifier(len(tokenizer), seed=2), args=args,
+                             train_dataset=Dataset.from_list(classification_rows(16)), processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()
+    with pytest.raises(EvaluationError, match="not a classification task"):
+        finish_run(trainer)
+    assert (tmp_path / "run" / "report.html").is_file() and (tmp_path / "run" / "README.md").is_file()
+    assert not (tmp_path / "run" / "results.json").exists()

@@ -10,10 +10,10 @@ See docs/EVALUATION.md.
 
 from .results import markdown_table, read_results, retention, retention_ratio, write_results
 from .run import EVAL_SPLIT_TASK, evaluate_after_training, evaluate_models, evaluate_paths, score_model
-from .tasks import EvaluationError, local_classification_tasks, local_lm_tasks, parse_task_list
+from .tasks import EvaluationError, local_classification_tasks, local_lm_tasks, parse_task_list, validate_tasks
 
 __all__ = [
     "EVAL_SPLIT_TASK", "EvaluationError", "evaluate_after_training", "evaluate_models", "evaluate_paths",
     "local_classification_tasks", "local_lm_tasks", "markdown_table", "parse_task_list", "read_results",
-    "retention", "retention_ratio", "score_model", "write_results",
+    "retention", "retention_ratio", "score_model", "validate_tasks", "write_results",
 ]

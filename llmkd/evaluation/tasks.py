@@ -160,3 +160,13 @@ def _task_manager(paths: tuple[str, ...], include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=list(paths) or None, include_defaults=include_defaults)
+
+
+def validate_tasks(tasks: str | list[str] | None, include_path: str | None = None) -> list[str]:
+    """Check that every task name is known (an offline classification task, a data file or dataset folder,
+    ``eval_dataset``, or an lm-eval task) before any work; returns the names. Raises :class:`EvaluationError`."""
+    names = parse_task_list(tasks)
+    lm_names = [n for n in names if n != "eval_dataset" and classification_task(n) is None]
+    if lm_names:
+        task_manager(lm_names, include_path)
+    return names
