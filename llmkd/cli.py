@@ -105,8 +105,8 @@ def _publish(argv: list[str]) -> int:
     from .hub import PublishError, publish
 
     try:
-        published = publish(args.output_dir, args.repo_id, private=args.private, revision=args.revision,
-                            endpoint=args.endpoint, commit_message=args.commit_message)
+        published = publish(args.output_dir, args.repo_id, private=True if args.private else None,
+                            revision=args.revision, endpoint=args.endpoint, commit_message=args.commit_message)
     except PublishError as error:
         print(f"llmkd publish: {error}", file=sys.stderr)
         return 1

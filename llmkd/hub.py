@@ -338,11 +338,12 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def publish(output_dir: str, repo_id: str, *, private: bool = False, revision: str | None = None,
+def publish(output_dir: str, repo_id: str, *, private: bool | None = None, revision: str | None = None,
             endpoint: str | None = None, commit_message: str | None = None) -> dict[str, Any]:
     """Upload a run's output directory to ``repo_id`` in one commit, with llmkd's model card.
 
-    Creates the repository if needed (``private`` applies to a new one) and the branch ``revision`` if given.
+    Creates the repository if needed (``private``: True / False, or None for the namespace's default; it applies
+    to a new repository only) and the branch ``revision`` if given.
     Returns ``{"repo_id", "revision", "commit_url", "files"}``. Raises :class:`PublishError` on any failure; the
     local folder is then unchanged.
     """

@@ -282,6 +282,6 @@ def finish_run(trainer, method: str | None = None, *, push: bool = False) -> dic
         raise failure  # nothing is published from a run whose evaluation failed
     published = None
     if push:
-        published = publish(output_dir, repo_id, private=bool(getattr(args, "hub_private_repo", False)),
+        published = publish(output_dir, repo_id, private=getattr(args, "hub_private_repo", None),
                             revision=getattr(args, "hub_revision", None), endpoint=getattr(args, "hub_endpoint", None))
     return {"results": results, "report": report, "card": card, "published": published}

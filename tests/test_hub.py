@@ -110,6 +110,8 @@ def test_publish_end_to_end(hub, tmp_path, capsys, caplog):
     assert hub.unexpected == []
     repo = hub.repos["org/tiny-taid"]
     assert repo.private is False and len(repo.commits) == 1
+    create = next(r for r in hub.requests if r["path"] == "/api/repos/create")
+    assert "visibility" not in json.loads(create["body"])  # without --private, the namespace's default
     arrived = repo.branches["main"]
     assert sorted(arrived) == sorted(expected + ["README.md"])
     for path in expected:  # byte-identical

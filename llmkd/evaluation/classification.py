@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import datasets
 import evaluate
 import torch
+from tqdm.auto import tqdm
 
 from .tasks import ClassificationTask, EvaluationError
 
@@ -64,7 +65,7 @@ def predict_batches(model, batches: Iterable[dict]) -> tuple[list[int], list[int
     predictions: list[int] = []
     references: list[int] = []
     try:
-        for batch in batches:
+        for batch in tqdm(batches, desc="Scoring the classifier", unit="batch", leave=False):
             labels = batch["labels"]
             inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
                       if k != "labels"}
