@@ -14,7 +14,9 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmkd.cli import main as cli_main
-from llmkd.evaluation import EvaluationError, evaluate_models, evaluate_paths, local_lm_tasks, markdown_table
+from llmkd.evaluation import (
+    EvaluationError, evaluate_models, evaluate_paths, local_lm_tasks, markdown_table, validate_tasks,
+)
 from llmkd.evaluation.results import combine, retention, retention_ratio, rows
 from llmkd.evaluation.tasks import _IgnoreTags, lm_tasks_dir, task_manager
 from llmkd.quickstart.evaluate import exact_match as direct_exact_match
@@ -84,6 +86,29 @@ def test_eval_data_splits():
 def test_unknown_task_names_the_closest_one():
     with pytest.raises(EvaluationError, match="did you mean 'llmkd_addition_exact_match'"):
         task_manager(["llmkd_addition_exact_mach"])
+    # lm-eval's own tasks are known too (their data is fetched when they run), and classification tasks
+    assert validate_tasks("arc_easy, llmkd_addition_choice,llmkd_sentiment,eval_dataset") == [
+        "arc_easy", "llmkd_addition_choice", "llmkd_sentiment", "eval_dataset"]
+
+
+def test_extra_task_folder_with_lm_eval_own_json_loader(tmp_path):
+    """--include_path: a user's task YAML in lm-eval's usual form (dataset_path: json, absolute data_files)."""
+    rows = read_jsonl(os.path.join(DATA, "addition_exact_match.jsonl"))[:3]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text(yaml.safe_dump({
+        "task": "my_addition", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{prompt}}",
+        "doc_to_target": "{{completion}}", "target_delimiter": "",
+        "generation_kwargs": {"until": ["+", "="], "max_gen_toks": 5, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}))
+    results = evaluate_paths(TEACHER, "my_addition", output_dir=str(tmp_path / "out"), include_path=str(folder),
+                             device="cpu")
+    teacher = AutoModelForCausalLM.from_pretrained(TEACHER, use_safetensors=True)
+    expected = direct_exact_match(teacher, AutoTokenizer.from_pretrained(TEACHER), rows)
+    assert results["student"]["scores"]["my_addition"]["metrics"]["exact_match"] == pytest.approx(expected)
 
 
 # ---------------------------------------------------------------------------------- lm-eval on tiny models
