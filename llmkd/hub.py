@@ -98,9 +98,9 @@ def run_summary(args, method: str | None = None) -> dict[str, Any]:
     TrainingArguments subclass) works. Nothing whose name mentions a token is included."""
     from transformers import TrainingArguments
 
-    method = method or method_of(args)
     from .config import ModelSourceFields
 
+    method = method or method_of(args)
     trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     source_defaults = {f.name: f.default for f in dataclasses.fields(ModelSourceFields)}
     hyperparameters: dict[str, Any] = {}
@@ -169,7 +169,7 @@ def _is_hub_id(name: str | None) -> bool:
     return name.count("/") == 1 and all(part and " " not in part for part in name.split("/"))
 
 
-# (pipeline tag, Auto model class, processing class) by what the saved model is
+# pipeline tag -> (Auto model class, processing class) of the loading snippet
 _MODEL_KINDS = {
     "text-generation": ("AutoModelForCausalLM", "AutoTokenizer"),
     "text-classification": ("AutoModelForSequenceClassification", "AutoTokenizer"),
