@@ -121,6 +121,12 @@ def _cache_teacher(argv: list[str]) -> int:
     return cache_teacher_main(argv)
 
 
+def _upcycle(argv: list[str]) -> int:
+    from .models.upcycle_command import main as upcycle_main
+
+    return upcycle_main(argv)
+
+
 def _quickstart(argv: list[str]) -> int:
     from .quickstart import main as quickstart_main
 
@@ -128,18 +134,19 @@ def _quickstart(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": _train, "cache-teacher": _cache_teacher, "eval": _eval, "publish": _publish,
-            "quickstart": _quickstart}
+            "upcycle": _upcycle, "quickstart": _quickstart}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: llmkd {train,cache-teacher,eval,publish,quickstart} ...\n"
+        print("usage: llmkd {train,cache-teacher,eval,publish,upcycle,quickstart} ...\n"
               "  train       --config RECIPE.yaml [--field value ...]   distil as the recipe says\n"
               "  cache-teacher --config RECIPE.yaml [--output_dir PATH] | --verify PATH   offline teacher top-k cache\n"
               "  eval        --model PATH [--teacher PATH] --tasks T1,T2 [--limit N]   benchmarks and retention\n"
               "  publish     OUTPUT_DIR --repo-id ORG/NAME [--private] [--revision B]  upload with a model card\n"
+              "  upcycle     --model PATH --output_dir DIR [--num_experts 4]   dense model -> MoE (LLaVA-MoD)\n"
               "  quickstart  [--output_dir DIR] [--method taid]          offline demo on a laptop CPU (< 5 min)")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"llmkd: unknown command {argv[0]!r}", file=sys.stderr)
