@@ -228,6 +228,29 @@ def test_tiny_recipe_through_the_cli(tmp_path):
                    files)  # nothing written next to the recipe's data
 
 
+def test_labeled_unlabeled_and_validation_rows(tmp_path, teacher, splits):
+    """A count of labeled rows spread over the classes; -1 rows and unlabeled_dataset join the unlabeled set;
+    validation_size holds stratified rows out of both."""
+    train = splits["train"].cast_column("label", datasets.Value("int64"))
+    train = train.map(lambda row, i: {"label": -1 if i >= 56 else row["label"]}, with_indices=True)
+    extra = splits["test"].remove_columns("label")
+    trainer = DHOTrainer(model=tiny_student(), teacher_model=teacher,
+                         args=config(tmp_path, labeled="8", validation_size="8", class_names=CLASS_NAMES),
+                         train_dataset=train, unlabeled_dataset=extra, processing_class=student_processor(),
+                         teacher_processing_class=clip_processor())
+    assert len(trainer.eval_dataset) == 8 and sorted(trainer.eval_dataset[:]["labels"].tolist()) == [0, 0, 1, 1, 2,
+                                                                                                       2, 3, 3]
+    labeled = trainer.labeled_dataset
+    assert len(labeled) == 8 and sorted(int(labeled[i]["labels"]) for i in range(8)) == [0, 0, 1, 1, 2, 2, 3, 3]
+    # 64 train rows - 8 validation - 8 labeled (the 8 rows labeled -1 are unlabeled) + 24 extra images
+    assert len(trainer.unlabeled_dataset) == 64 - 8 - 8 + 24
+    assert len(trainer.train_dataset) == 72 and "unlabeled_teacher_logits" in trainer.train_dataset[0]
+    with pytest.raises(ValueError, match=r"does not match the train split's columns: it lacks \['image'\]"):
+        DHOTrainer(model=tiny_student(), teacher_model=teacher, args=config(tmp_path),
+                   train_dataset=splits["train"], unlabeled_dataset=datasets.Dataset.from_dict({"picture": [[1, 2]]}),
+                   processing_class=student_processor(), teacher_processing_class=clip_processor())
+
+
 def test_bad_input_fails_clearly(tmp_path, teacher, splits):
     with pytest.raises(ValueError, match="No unlabeled data: labeled='100%'"):
         make_trainer(tmp_path, teacher, splits, labeled="100%")

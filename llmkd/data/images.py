@@ -134,17 +134,37 @@ class ImageTransform:
 
 @torch.no_grad()
 def compute_teacher_logits(teacher, dataset, image_processor, *, image_column: str = "image",
-                           batch_size: int = 64, device=None, desc: str = "teacher logits") -> np.ndarray:
-    """Run the teacher once over ``dataset``: ``(N, C)`` float32 logits, in row order."""
+                           batch_size: int = 64, device=None, num_workers: int = 0,
+                           desc: str = "teacher logits") -> np.ndarray:
+    """Run the teacher once over ``dataset``: ``(N, C)`` float32 logits, in row order. Images are decoded and
+    processed by ``num_workers`` DataLoader workers (0: in this process)."""
     parameter = next(teacher.parameters(), None)
     device = device or (parameter.device if parameter is not None else "cpu")
-    transform = ImageTransform(image_processor, image_column=image_column, label_column="\0none")
-    chunks = []
-    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, unit="batch"):
-        rows = dataset[start:start + batch_size]
-        pixel_values = transform(rows)["pixel_values"].to(device)
-        chunks.append(teacher(pixel_values=pixel_values).logits.float().cpu().numpy())
+    transformed = dataset.with_transform(ImageTransform(image_processor, image_column=image_column,
+                                                        label_column="\0none"))
+    loader = torch.utils.data.DataLoader(transformed, batch_size=batch_size, num_workers=num_workers,
+                                         shuffle=False)
+    chunks = [teacher(pixel_values=batch["pixel_values"].to(device)).logits.float().cpu().numpy()
+              for batch in tqdm(loader, desc=desc, unit="batch")]
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
+
+
+class WithTeacherLogits(torch.utils.data.Dataset):
+    """The rows of ``dataset`` (dicts), each with ``teacher_logits`` ``(C,)`` from a precomputed ``(N, C)`` array
+    (kept beside the dataset rather than added as a column, which would rewrite the whole dataset)."""
+
+    def __init__(self, dataset, logits: np.ndarray):
+        if len(dataset) != len(logits):
+            raise ValueError(f"{len(logits)} rows of teacher logits for a dataset of {len(dataset)} rows.")
+        self.dataset, self.logits = dataset, logits
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        row = dict(self.dataset[index])
+        row["teacher_logits"] = torch.from_numpy(np.asarray(self.logits[index], dtype=np.float32))
+        return row
 
 
 def _cycled_order(length: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -189,6 +209,6 @@ class PairedDataset(torch.utils.data.Dataset):
 
 
 __all__ = [
-    "ImageTransform", "PairedDataset", "UNLABELED", "check_labels", "compute_teacher_logits", "parse_amount",
+    "ImageTransform", "PairedDataset", "UNLABELED", "WithTeacherLogits", "check_labels", "compute_teacher_logits", "parse_amount",
     "row_labels", "stratified_labeled_indices", "to_rgb",
 ]

@@ -37,6 +37,7 @@ from ..data.images import (
     UNLABELED,
     ImageTransform,
     PairedDataset,
+    WithTeacherLogits,
     check_labels,
     compute_teacher_logits,
     parse_amount,
@@ -267,7 +268,7 @@ class DHOTrainer(Trainer):
         labeled, unlabeled = self._split(train_dataset, unlabeled_dataset, args, num_labels)
 
         has_logits = all("teacher_logits" in ds.column_names for ds in (labeled, unlabeled))
-        teacher = None
+        teacher, logits = None, {}
         if not has_logits and not (args.ce_weight == 1.0):
             teacher, teacher_processing_class = self._teacher(teacher_model, args, teacher_processing_class,
                                                               class_names, processing_class)
@@ -276,8 +277,8 @@ class DHOTrainer(Trainer):
                 raise ValueError(f"The teacher scores {teacher_classes} classes but the student has {num_labels}; "
                                  "both must classify into the same classes, in the same order.")
             if args.precompute_teacher_logits:
-                labeled, unlabeled = (self._with_teacher_logits(ds, teacher, teacher_processing_class, args, name)
-                                      for ds, name in ((labeled, "labeled"), (unlabeled, "unlabeled")))
+                logits = {name: self._teacher_pass(ds, teacher, teacher_processing_class, args, name)
+                          for ds, name in ((labeled, "labeled"), (unlabeled, "unlabeled"))}
                 teacher = None
         elif has_logits:
             for ds, name in ((labeled, "labeled"), (unlabeled, "unlabeled")):
@@ -293,6 +294,9 @@ class DHOTrainer(Trainer):
                                                         teacher_pixels))
         unlabeled = unlabeled.with_transform(ImageTransform(processing_class, args.image_column, "\0none",
                                                             teacher_pixels))
+        if logits:
+            labeled = WithTeacherLogits(labeled, logits["labeled"])
+            unlabeled = WithTeacherLogits(unlabeled, logits["unlabeled"])
         self.labeled_dataset, self.unlabeled_dataset = labeled, unlabeled
         train_dataset = PairedDataset(labeled, unlabeled, seed=_data_seed(args))
 
@@ -423,16 +427,19 @@ class DHOTrainer(Trainer):
         keep = [c for c in (args.image_column, "pixel_values", "teacher_logits") if c in train_dataset.column_names]
         unlabeled = train_dataset.select(rest, keep_in_memory=True).select_columns(keep)
         if unlabeled_dataset is not None:
-            extra = unlabeled_dataset.select_columns([c for c in keep if c in unlabeled_dataset.column_names])
+            missing = [c for c in keep if c not in unlabeled_dataset.column_names]
+            if missing:
+                raise ValueError(f"unlabeled_dataset does not match the train split's columns: it lacks {missing} "
+                                 f"(its columns are {unlabeled_dataset.column_names}).")
+            extra = unlabeled_dataset.select_columns(keep)
             try:
                 extra = extra.cast(unlabeled.features, keep_in_memory=True)
                 unlabeled = datasets.concatenate_datasets([unlabeled, extra])
             except Exception as error:  # noqa: BLE001 - datasets raises several types here
                 raise ValueError(f"unlabeled_dataset does not match the train split's columns/types ({keep}): "
                                  f"{error}") from error
-        labeled = train_dataset.select(chosen, keep_in_memory=True).flatten_indices(keep_in_memory=True)
-        # in memory: no cache files are written next to the dataset (a recipe's data folder stays clean)
-        unlabeled = unlabeled.flatten_indices(keep_in_memory=True)
+        # keep_in_memory: the (small) index mappings are not written as cache files next to the data
+        labeled = train_dataset.select(chosen, keep_in_memory=True)
         logger.info("DHO data: %d labeled rows (labeled=%r), %d unlabeled rows.", len(labeled), args.labeled,
                     len(unlabeled))
         if len(unlabeled) == 0:
@@ -442,16 +449,15 @@ class DHOTrainer(Trainer):
         return labeled, unlabeled
 
     @staticmethod
-    def _with_teacher_logits(dataset, teacher, image_processor, args: DHOConfig, name: str):
-        if "teacher_logits" in dataset.column_names:
-            return dataset
+    def _teacher_pass(dataset, teacher, image_processor, args: DHOConfig, name: str) -> np.ndarray:
+        """The teacher's ``(N, C)`` logits on ``dataset``, computed once."""
         if image_processor is None:
             raise ValueError("Precomputing teacher logits needs the teacher's image processor: pass "
                              "teacher_processing_class=...")
         teacher.to(args.device)
-        logits = compute_teacher_logits(teacher, dataset, image_processor, image_column=args.image_column,
-                                        batch_size=args.teacher_batch_size, desc=f"teacher logits ({name})")
-        return dataset.add_column("teacher_logits", [row for row in logits.astype(np.float32)])
+        return compute_teacher_logits(teacher, dataset, image_processor, image_column=args.image_column,
+                                      batch_size=args.teacher_batch_size, num_workers=args.dataloader_num_workers,
+                                      desc=f"teacher logits ({name})")
 
     def prepare_eval_dataset(self, dataset, split: str = "evaluation"):
         """Image rows -> rows with ``pixel_values`` and ``labels`` (labels checked), processed on the fly."""
