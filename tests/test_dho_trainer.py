@@ -167,6 +167,20 @@ def test_the_best_checkpoint_brings_back_its_own_alpha_beta(tmp_path, teacher, s
     assert (trainer.model.config.alpha, trainer.model.config.beta) == (calls[0].alpha, calls[0].beta)
 
 
+def test_a_resumed_run_starts_from_its_checkpoints_alpha_beta(tmp_path, teacher, splits):
+    first = make_trainer(tmp_path, teacher, splits, max_steps=2, save_strategy="steps", save_steps=2)
+    first.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    saved = json.loads((checkpoint / "config.json").read_text())
+    saved["alpha"], saved["beta"] = 0.65, 1.75  # as if that checkpoint's evaluation had chosen them
+    (checkpoint / "config.json").write_text(json.dumps(saved))
+    resumed = make_trainer(tmp_path, teacher, splits, max_steps=3)
+    assert (resumed.model.config.alpha, resumed.model.config.beta) == (0.4, 0.5)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 3
+    assert (resumed.model.config.alpha, resumed.model.config.beta) == (0.65, 1.75)
+
+
 def test_precomputed_and_online_teacher_logits_give_the_same_loss(tmp_path, teacher, splits):
     losses = []
     for precompute in (True, False):

@@ -9,15 +9,18 @@ they are.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
 
+import datasets
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 UNLABELED = -1
+logger = logging.getLogger(__name__)
 _AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(%?)\s*$")
 
 
@@ -208,7 +211,56 @@ class PairedDataset(torch.utils.data.Dataset):
         return item
 
 
+def hold_out_validation(train_dataset, args):
+    """(train, validation): ``args.validation_size`` labeled rows (count or percentage, stratified, seeded by
+    ``data_seed`` + 1) held out of ``train_dataset``."""
+    labels = row_labels(train_dataset, args.label_column)
+    size = parse_amount(args.validation_size, sum(label >= 0 for label in labels), "validation_size")
+    held = set(stratified_labeled_indices(labels, size, (args.data_seed if args.data_seed is not None else args.seed) + 1))
+    rest = [i for i in range(len(train_dataset)) if i not in held]
+    return (train_dataset.select(rest, keep_in_memory=True),
+            train_dataset.select(sorted(held), keep_in_memory=True))
+
+
+def split_labeled_unlabeled(train_dataset, unlabeled_dataset, args, num_labels: int):
+    """(labeled, unlabeled) datasets: ``args.labeled`` rows of ``train_dataset`` keep their labels (stratified, seeded
+    by ``data_seed``); the other rows, rows labeled -1/None and ``unlabeled_dataset`` form the unlabeled set (image /
+    ``pixel_values`` / ``teacher_logits`` columns only). Labels are checked against ``num_labels``."""
+    labels = row_labels(train_dataset, args.label_column)
+    check_labels(labels, num_labels, "train", allow_unlabeled=True)
+    labeled_rows = sum(label != UNLABELED for label in labels)
+    if labeled_rows == 0:
+        raise ValueError("The train split has no labeled rows (every label is -1/None): DHO needs some labels.")
+    amount = parse_amount(args.labeled, labeled_rows, "labeled")
+    chosen = stratified_labeled_indices(labels, amount, (args.data_seed if args.data_seed is not None else args.seed))
+    chosen_set = set(chosen)
+    rest = [i for i in range(len(train_dataset)) if i not in chosen_set]
+    keep = [c for c in (args.image_column, "pixel_values", "teacher_logits") if c in train_dataset.column_names]
+    unlabeled = train_dataset.select(rest, keep_in_memory=True).select_columns(keep)
+    if unlabeled_dataset is not None:
+        missing = [c for c in keep if c not in unlabeled_dataset.column_names]
+        if missing:
+            raise ValueError(f"unlabeled_dataset does not match the train split's columns: it lacks {missing} "
+                             f"(its columns are {unlabeled_dataset.column_names}).")
+        extra = unlabeled_dataset.select_columns(keep)
+        try:
+            extra = extra.cast(unlabeled.features, keep_in_memory=True)
+            unlabeled = datasets.concatenate_datasets([unlabeled, extra])
+        except Exception as error:  # noqa: BLE001 - datasets raises several types here
+            raise ValueError(f"unlabeled_dataset does not match the train split's columns/types ({keep}): "
+                             f"{error}") from error
+    # keep_in_memory: the (small) index mappings are not written as cache files next to the data
+    labeled = train_dataset.select(chosen, keep_in_memory=True)
+    logger.info("DHO data: %d labeled rows (labeled=%r), %d unlabeled rows.", len(labeled), args.labeled,
+                len(unlabeled))
+    if len(unlabeled) == 0:
+        raise ValueError(f"No unlabeled data: labeled={args.labeled!r} keeps the labels of all {labeled_rows} "
+                         "train rows. DHO distils on unlabeled images: label fewer rows (e.g. labeled='10%'), "
+                         "pass unlabeled_dataset=..., or mark rows unlabeled with label -1.")
+    return labeled, unlabeled
+
+
 __all__ = [
     "ImageTransform", "PairedDataset", "UNLABELED", "WithTeacherLogits", "check_labels", "compute_teacher_logits", "parse_amount",
-    "row_labels", "stratified_labeled_indices", "to_rgb",
+    "hold_out_validation", "row_labels", "split_labeled_unlabeled", "stratified_labeled_indices", "to_rgb",
 ]

@@ -30,37 +30,34 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoImageProcessor, Trainer, TrainingArguments, default_data_collator
+from transformers import Trainer, TrainingArguments, default_data_collator
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.images import (
-    UNLABELED,
     ImageTransform,
     PairedDataset,
     WithTeacherLogits,
     check_labels,
     compute_teacher_logits,
+    hold_out_validation,
     parse_amount,
     row_labels,
-    stratified_labeled_indices,
+    split_labeled_unlabeled,
 )
 from ..data.sources import load_dataset_splits
 from ..heads import unwrap_model
-from ..loading import resolve_dtype
 from ..losses import forward_kl
-from ..models.clip_teacher import DEFAULT_TEMPLATES, CLIPZeroShotClassifier
+from ..models.dho_loading import load_dho_student, load_dho_teacher, resolve_class_names
 from ..models.dual_head import (
     DEFAULT_ALPHA_GRID,
     DEFAULT_BETA_GRID,
-    DualHeadConfig,
-    DualHeadModel,
     combine_head_predictions,
     search_inference_weights,
 )
 from ..teacher import prepare_teacher
 
 logger = logging.getLogger(__name__)
-TEACHER_TYPES = ("auto", "clip", "classifier")
+TEACHER_TYPES = ("auto", "clip", "classifier")  # see llmkd.models.dho_loading.load_dho_teacher
 
 
 @dataclass
@@ -251,10 +248,10 @@ class DHOTrainer(Trainer):
         if train_dataset is None:
             raise ValueError("DHO needs a train split of images: pass train_dataset=... or set dataset_name.")
         if eval_dataset is None and args.validation_size is not None:
-            train_dataset, eval_dataset = self._hold_out_validation(train_dataset, args)
+            train_dataset, eval_dataset = hold_out_validation(train_dataset, args)
 
-        class_names = self._class_names(class_names, args, train_dataset, model)
-        model, processing_class = self._student(model, args, processing_class, class_names)
+        class_names = resolve_class_names(class_names, args, train_dataset, model)
+        model, processing_class = load_dho_student(model, args, processing_class, class_names)
         num_labels = model.config.num_labels
         if class_names is not None and len(class_names) != num_labels:
             raise ValueError(f"{len(class_names)} class names were given but the student has {num_labels} classes; "
@@ -265,12 +262,12 @@ class DHOTrainer(Trainer):
         self._image_transform = ImageTransform(processing_class, args.image_column, args.label_column)
         if eval_dataset is not None:
             eval_dataset = self.prepare_eval_dataset(eval_dataset, "validation")
-        labeled, unlabeled = self._split(train_dataset, unlabeled_dataset, args, num_labels)
+        labeled, unlabeled = split_labeled_unlabeled(train_dataset, unlabeled_dataset, args, num_labels)
 
         has_logits = all("teacher_logits" in ds.column_names for ds in (labeled, unlabeled))
         teacher, logits = None, {}
         if not has_logits and not (args.ce_weight == 1.0):
-            teacher, teacher_processing_class = self._teacher(teacher_model, args, teacher_processing_class,
+            teacher, teacher_processing_class = load_dho_teacher(teacher_model, args, teacher_processing_class,
                                                               class_names, processing_class)
             teacher_classes = getattr(teacher, "num_labels", None) or teacher.config.num_labels
             if teacher_classes != num_labels:
@@ -316,138 +313,6 @@ class DHOTrainer(Trainer):
         self._loss_sums = defaultdict(float)
 
     # ------------------------------------------------------------------------------------------------ set-up
-    @staticmethod
-    def _hold_out_validation(train_dataset, args: DHOConfig):
-        labels = row_labels(train_dataset, args.label_column)
-        size = parse_amount(args.validation_size, sum(label >= 0 for label in labels), "validation_size")
-        held = set(stratified_labeled_indices(labels, size, _data_seed(args) + 1))
-        rest = [i for i in range(len(train_dataset)) if i not in held]
-        return (train_dataset.select(rest, keep_in_memory=True),
-                train_dataset.select(sorted(held), keep_in_memory=True))
-
-    @staticmethod
-    def _class_names(class_names, args: DHOConfig, train_dataset, model) -> list[str] | None:
-        if class_names is None:
-            class_names = args.class_names
-        if class_names is None and args.class_names_file:
-            with open(args.class_names_file, encoding="utf-8") as handle:
-                class_names = [line.strip() for line in handle if line.strip()]
-        if class_names is None:
-            feature = getattr(train_dataset, "features", {}).get(args.label_column)
-            class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-        if class_names is None and isinstance(model, DualHeadModel):
-            names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-            class_names = None if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
-        return None if class_names is None else [str(n) for n in class_names]
-
-    @staticmethod
-    def _student(model, args: DHOConfig, processing_class, class_names):
-        model = model if model is not None else args.model_name_or_path
-        if model is None:
-            raise ValueError("No student: pass model=... or set model_name_or_path (a saved DualHeadModel or a vision "
-                             "backbone such as microsoft/resnet-18).")
-        id2label = None if class_names is None else dict(enumerate(class_names))
-        if isinstance(model, str):
-            name = model
-            if processing_class is None:
-                processing_class = AutoImageProcessor.from_pretrained(name, trust_remote_code=args.trust_remote_code)
-            config = AutoConfig.from_pretrained(name, trust_remote_code=args.trust_remote_code)
-            if isinstance(config, DualHeadConfig):
-                model = DualHeadModel.from_pretrained(name)
-            else:
-                if id2label is None:
-                    raise ValueError(f"{name!r} is a backbone, not a dual-head student: the number of classes comes "
-                                     "from the class names; set class_names (or use a ClassLabel label column).")
-                if args.init_student_from_config:
-                    torch.manual_seed(args.seed)
-                    model = DualHeadModel(DualHeadConfig(
-                        backbone_config=config, id2label=id2label, label2id={v: k for k, v in id2label.items()},
-                        feature_pooling=args.student_feature_pooling))
-                else:
-                    model = DualHeadModel.from_backbone(name, id2label=id2label,
-                                                        feature_pooling=args.student_feature_pooling,
-                                                        trust_remote_code=args.trust_remote_code)
-        if not isinstance(unwrap_model(model), DualHeadModel):
-            raise TypeError(f"The DHO student must be a DualHeadModel, got {type(model).__name__}; wrap a vision "
-                            "backbone with DualHeadModel.from_backbone(name, num_labels=...) or "
-                            "DualHeadModel(DualHeadConfig(backbone_config=..., num_labels=...)).")
-        if processing_class is None:
-            raise ValueError("The student was given as a model object: pass its image processor as "
-                             "processing_class=... (e.g. AutoImageProcessor.from_pretrained(backbone_name)).")
-        return model, processing_class
-
-    @staticmethod
-    def _teacher(teacher, args: DHOConfig, teacher_processing_class, class_names, student_processor):
-        teacher = teacher if teacher is not None else args.teacher_model_name_or_path
-        if teacher is None:
-            raise ValueError("No teacher: pass teacher_model=... or set teacher_model_name_or_path, or give rows that "
-                             "already hold teacher_logits.")
-        templates = args.prompt_templates or list(DEFAULT_TEMPLATES)
-        scale = args.teacher_logit_scale or None
-        if isinstance(teacher, str):
-            name = teacher
-            config = AutoConfig.from_pretrained(name, trust_remote_code=args.trust_remote_code)
-            is_clip = args.teacher_type == "clip" or (args.teacher_type == "auto" and config.model_type == "clip")
-            dtype = resolve_dtype(args.teacher_dtype) if args.teacher_dtype != "auto" else "auto"
-            if is_clip:
-                if class_names is None:
-                    raise ValueError("A CLIP teacher classifies by class names: set class_names (one per label id).")
-                teacher = CLIPZeroShotClassifier.from_pretrained(name, class_names, templates, logit_scale=scale,
-                                                                 dtype=dtype)
-            else:
-                from transformers import AutoModelForImageClassification
-
-                teacher = AutoModelForImageClassification.from_pretrained(
-                    name, dtype=dtype, trust_remote_code=args.trust_remote_code)
-            if teacher_processing_class is None:
-                teacher_processing_class = AutoImageProcessor.from_pretrained(
-                    name, trust_remote_code=args.trust_remote_code)
-        elif type(teacher).__name__ == "CLIPModel":
-            tokenizer = getattr(teacher_processing_class, "tokenizer", None)
-            if tokenizer is None or class_names is None:
-                raise ValueError("A CLIPModel teacher object needs teacher_processing_class=CLIPProcessor(...) (its "
-                                 "tokenizer embeds the prompts) and class_names.")
-            teacher = CLIPZeroShotClassifier.from_model(teacher, tokenizer, class_names, templates, logit_scale=scale)
-        teacher_processing_class = getattr(teacher_processing_class, "image_processor", teacher_processing_class)
-        if teacher_processing_class is None:
-            logger.info("No teacher image processor given: the teacher sees the student's pixel_values.")
-        return teacher, teacher_processing_class
-
-    @staticmethod
-    def _split(train_dataset, unlabeled_dataset, args: DHOConfig, num_labels: int):
-        labels = row_labels(train_dataset, args.label_column)
-        check_labels(labels, num_labels, "train", allow_unlabeled=True)
-        labeled_rows = sum(label != UNLABELED for label in labels)
-        if labeled_rows == 0:
-            raise ValueError("The train split has no labeled rows (every label is -1/None): DHO needs some labels.")
-        amount = parse_amount(args.labeled, labeled_rows, "labeled")
-        chosen = stratified_labeled_indices(labels, amount, _data_seed(args))
-        chosen_set = set(chosen)
-        rest = [i for i in range(len(train_dataset)) if i not in chosen_set]
-        keep = [c for c in (args.image_column, "pixel_values", "teacher_logits") if c in train_dataset.column_names]
-        unlabeled = train_dataset.select(rest, keep_in_memory=True).select_columns(keep)
-        if unlabeled_dataset is not None:
-            missing = [c for c in keep if c not in unlabeled_dataset.column_names]
-            if missing:
-                raise ValueError(f"unlabeled_dataset does not match the train split's columns: it lacks {missing} "
-                                 f"(its columns are {unlabeled_dataset.column_names}).")
-            extra = unlabeled_dataset.select_columns(keep)
-            try:
-                extra = extra.cast(unlabeled.features, keep_in_memory=True)
-                unlabeled = datasets.concatenate_datasets([unlabeled, extra])
-            except Exception as error:  # noqa: BLE001 - datasets raises several types here
-                raise ValueError(f"unlabeled_dataset does not match the train split's columns/types ({keep}): "
-                                 f"{error}") from error
-        # keep_in_memory: the (small) index mappings are not written as cache files next to the data
-        labeled = train_dataset.select(chosen, keep_in_memory=True)
-        logger.info("DHO data: %d labeled rows (labeled=%r), %d unlabeled rows.", len(labeled), args.labeled,
-                    len(unlabeled))
-        if len(unlabeled) == 0:
-            raise ValueError(f"No unlabeled data: labeled={args.labeled!r} keeps the labels of all {labeled_rows} "
-                             "train rows. DHO distils on unlabeled images: label fewer rows (e.g. labeled='10%'), "
-                             "pass unlabeled_dataset=..., or mark rows unlabeled with label -1.")
-        return labeled, unlabeled
-
     @staticmethod
     def _teacher_pass(dataset, teacher, image_processor, args: DHOConfig, name: str) -> np.ndarray:
         """The teacher's ``(N, C)`` logits on ``dataset``, computed once."""
