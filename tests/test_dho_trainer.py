@@ -193,6 +193,34 @@ def test_precomputed_and_online_teacher_logits_give_the_same_loss(tmp_path, teac
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_any_image_classifier_can_be_the_teacher_by_name(tmp_path, splits):
+    """A ViT image classifier saved with its image processor, named in the config: loaded with
+    AutoModelForImageClassification, its logits on its own pixels precomputed for every labeled/unlabeled row."""
+    from transformers import ViTForImageClassification
+
+    torch.manual_seed(0)
+    vit_config = tiny_vit_config()
+    vit_config.num_labels = len(CLASS_NAMES)
+    classifier = ViTForImageClassification(vit_config).eval()
+    classifier.save_pretrained(tmp_path / "classifier")
+    clip_processor().save_pretrained(tmp_path / "classifier")
+    trainer = DHOTrainer(model=tiny_student(), args=config(tmp_path, teacher_model_name_or_path=str(
+        tmp_path / "classifier")), train_dataset=splits["train"], processing_class=student_processor())
+    # the labeled + unlabeled rows' teacher logits are the classifier's logits on the 64 train images (any order)
+    pixels = clip_processor()([i.convert("RGB") for i in splits["train"]["image"]], return_tensors="pt")[
+        "pixel_values"]
+    with torch.no_grad():
+        expected = classifier(pixel_values=pixels).logits
+    cached = torch.cat([torch.from_numpy(trainer.labeled_dataset.logits),
+                        torch.from_numpy(trainer.unlabeled_dataset.logits)])
+    order = lambda rows: rows[torch.argsort(rows[:, 0])]  # noqa: E731 - sort rows by their first logit
+    assert cached.shape == expected.shape
+    torch.testing.assert_close(order(cached), order(expected), rtol=1e-5, atol=1e-5)
+    trainer.args.max_steps = 2
+    trainer.train()
+    assert trainer.state.log_history[0]["kd_unlabeled_loss"] > 0
+
+
 def test_gradient_accumulation_equals_one_large_batch(tmp_path, teacher, splits):
     """A ViT student (no BatchNorm): 1 step of batch 8 == 1 step of 2 x 4 accumulated, with SGD."""
     weights = []
@@ -272,6 +300,10 @@ def test_bad_input_fails_clearly(tmp_path, teacher, splits):
         make_trainer(tmp_path, teacher, splits, labeled="65")
     with pytest.raises(ValueError, match="neither a count"):
         config(tmp_path, labeled="ten%")
+    with pytest.raises(ValueError, match="remove_unused_columns must be False"):
+        config(tmp_path, remove_unused_columns=True)
+    with pytest.raises(ValueError, match=r"ce_weight \(lam\) must be in \[0, 1\]"):
+        config(tmp_path, ce_weight=1.5)
 
     plain = datasets.Dataset.from_dict({"image": splits["train"]["image"][:16],
                                         "label": [0, 1, 2, 7] * 4})  # int labels, 7 is not a class

@@ -144,6 +144,9 @@ class DHOConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns must be False for DHO: images are turned into pixel_values on the "
+                             "fly, so the image and label columns must reach the transform.")
         if self.teacher_type not in TEACHER_TYPES:
             raise ValueError(f"teacher_type={self.teacher_type!r} is not one of {TEACHER_TYPES}.")
         if not 0.0 <= self.ce_weight <= 1.0:
