@@ -324,6 +324,10 @@ def test_bad_input_fails_clearly(tmp_path, teacher, splits):
     with pytest.raises(ValueError, match="teacher scores 3 classes but the student has 4"):
         DHOTrainer(model=tiny_student(), teacher_model=tiny_student(num_labels=3), args=config(tmp_path),
                    train_dataset=splits["train"], processing_class=student_processor())
+    with pytest.raises(ValueError, match="ONE validation split"):
+        DHOTrainer(model=tiny_student(), teacher_model=teacher, args=config(tmp_path), train_dataset=splits["train"],
+                   eval_dataset={"a": splits["validation"], "b": splits["test"]}, processing_class=student_processor(),
+                   teacher_processing_class=clip_processor())
     with pytest.raises(ValueError, match="No teacher"):
         DHOTrainer(model=tiny_student(), args=config(tmp_path), train_dataset=splits["train"],
                    processing_class=student_processor())

@@ -263,6 +263,9 @@ class DHOTrainer(Trainer):
 
         self._num_labels = num_labels
         self._image_transform = ImageTransform(processing_class, args.image_column, args.label_column)
+        if isinstance(eval_dataset, dict):
+            raise ValueError("DHO searches alpha/beta on ONE validation split: give a single eval_dataset (score other "
+                             "splits afterwards with trainer.evaluate(split, metric_key_prefix=...)).")
         if eval_dataset is not None:
             eval_dataset = self.prepare_eval_dataset(eval_dataset, "validation")
         labeled, unlabeled = split_labeled_unlabeled(train_dataset, unlabeled_dataset, args, num_labels)
