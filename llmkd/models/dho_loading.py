@@ -92,8 +92,9 @@ def load_dho_teacher(teacher, args, teacher_processing_class, class_names, stude
         if is_clip:
             if class_names is None:
                 raise ValueError("A CLIP teacher classifies by class names: set class_names (one per label id).")
+            # on the training device: the prompt embeddings (classes x templates text passes) are computed there
             teacher = CLIPZeroShotClassifier.from_pretrained(name, class_names, templates, logit_scale=scale,
-                                                             dtype=dtype)
+                                                             dtype=dtype, device=args.device)
         else:
             from transformers import AutoModelForImageClassification
 
