@@ -34,18 +34,21 @@ TEACHER = "llmkd/assets/quickstart/teacher"
 
 @torch.no_grad()
 def answer_logprob(model, tokenizer, prompts: list[str], answers: list[str]) -> torch.Tensor:
-    """Sum of log p(answer tokens + </s> | prompt), shape (n,)."""
-    texts = [p + a for p, a in zip(prompts, answers)]
-    encoded = tokenizer(texts, return_tensors="pt", padding=True)
-    ids = torch.cat([encoded["input_ids"], torch.full((len(texts), 1), tokenizer.pad_token_id)], dim=1)
-    mask = torch.cat([encoded["attention_mask"], torch.zeros(len(texts), 1, dtype=torch.long)], dim=1)
-    lengths = encoded["attention_mask"].sum(1)
-    ids[torch.arange(len(texts)), lengths] = tokenizer.eos_token_id
-    mask[torch.arange(len(texts)), lengths] = 1
-    answer_mask = torch.zeros_like(mask)
-    for i, prompt in enumerate(prompts):
-        start = len(tokenizer(prompt)["input_ids"])
-        answer_mask[i, start: int(lengths[i]) + 1] = 1
+    """Sum of log p(answer tokens + </s> | prompt), shape (n,); sequences built and right-padded by hand."""
+    sequences, answer_spans = [], []
+    for prompt, answer in zip(prompts, answers):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        sequences.append(prompt_ids + answer_ids)
+        answer_spans.append((len(prompt_ids), len(prompt_ids) + len(answer_ids)))
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    answer_mask = torch.zeros_like(ids)
+    for i, (seq, (start, end)) in enumerate(zip(sequences, answer_spans)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        answer_mask[i, start:end] = 1
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     logps = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     return (logps * answer_mask[:, 1:]).sum(1)

@@ -53,6 +53,12 @@ def sequence_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return (token_logps * batch["completion_mask"][:, 1:]).sum(1).chunk(2)
 
 
+def reference_logps(student, teacher, batch):
+    """(pi_c, pi_r, ref_c, ref_r): the student's and the teacher's response log-probs, no gradient."""
+    with torch.no_grad():
+        return (*sequence_logps(student, batch), *sequence_logps(teacher, batch))
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer()
@@ -67,9 +73,7 @@ def test_loss_equals_the_formula_on_independent_log_probs(tmp_path, tokenizer, l
                                        processing_class=tokenizer)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     loss = trainer.compute_loss(trainer.model, batch)
-    with torch.no_grad():
-        pc, pr = sequence_logps(student, batch)
-        rc, rr = sequence_logps(teacher, batch)  # the reference is the teacher, not a copy of the student
+    pc, pr, rc, rr = reference_logps(student, teacher, batch)  # the reference is the teacher, not the student
     formula = dpo_sigmoid_loss if loss_type == "sigmoid" else kto_pair_loss
     torch.testing.assert_close(loss.detach(), formula(pc, pr, rc, rr, 0.3).mean(), rtol=1e-5, atol=1e-6)
     loss.backward()
@@ -129,9 +133,8 @@ def test_moe_student_adds_the_load_balancing_loss(tmp_path, tokenizer):
                                        processing_class=tokenizer)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     loss = trainer.compute_loss(trainer.model, batch)
+    pc, pr, rc, rr = reference_logps(student, teacher, batch)
     with torch.no_grad():
-        pc, pr = sequence_logps(student, batch)
-        rc, rr = sequence_logps(teacher, batch)
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
         aux = student(**inputs, output_router_logits=True).aux_loss  # the model's own definition
     torch.testing.assert_close(loss.detach(), kto_pair_loss(pc, pr, rc, rr, 0.1).mean() + 0.5 * aux,
@@ -184,9 +187,7 @@ def test_image_text_pairs_reach_student_and_teacher_and_the_moe_vlm_learns(tmp_p
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     assert batch["pixel_values"].shape == (8, 3, 8, 8) and (batch["input_ids"] == image_id).sum() == 8 * 4
     loss = trainer.compute_loss(trainer.model, batch)
-    with torch.no_grad():
-        pc, pr = sequence_logps(student, batch)
-        rc, rr = sequence_logps(teacher, batch)
+    pc, pr, rc, rr = reference_logps(student, teacher, batch)
     torch.testing.assert_close(loss.detach() - 0.01 * trainer.router_monitor.aux_loss(batch["attention_mask"]),
                                kto_pair_loss(pc, pr, rc, rr, 0.1).mean(), rtol=1e-5, atol=1e-6)
     start = trainer.evaluate()
