@@ -192,3 +192,46 @@ def test_unknown_eval_task_fails_before_training(tmp_path):
                   "--dataset_name", os.path.join(ROOT, "recipes", "data", "addition_train.jsonl"),
                   "--max_steps", "2", "--use_cpu", "True", "--eval_tasks", "llmkd_addition_choise"])
     assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.distributed
+def test_end_of_training_evaluation_under_zero3_reloads_the_sharded_models(tmp_path):
+    """Under ZeRO-3 (2 CPU processes) student and teacher are partitioned: the main process re-loads them from
+    output_dir and teacher_model_name_or_path, and scores what a later `llmkd eval` of the saved folder scores."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    pytest.importorskip("deepspeed", reason="ZeRO-3 needs deepspeed (extra 'deepspeed')")
+    from distributed.launcher import CHILD_ENV, TESTS_DIR, free_port
+    from utils import write_local_run
+
+    local = write_local_run(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "method": "kd", **local, "output_dir": str(tmp_path / "out"), "max_steps": 2,
+        "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no",
+        "disable_tqdm": True, "eval_tasks": "llmkd_addition_choice", "eval_limit": 4,
+    }))
+    patch_dir = tmp_path / "patch"
+    patch_dir.mkdir()
+    (patch_dir / "sitecustomize.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\n"
+        "from distributed.launcher import patch_accelerate_cpu_backend\npatch_accelerate_cpu_backend()\n")
+    env = dict(os.environ, **CHILD_ENV, PYTHONPATH=f"{patch_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               os.path.join(ROOT, "recipes", "accelerate", "zero3.yaml"), "--num_processes", "2",
+               "--mixed_precision", "no", "--main_process_port", str(free_port()), "-m", "llmkd", "train",
+               "--config", str(recipe)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400, cwd=str(tmp_path))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "README.md").is_file()
+    again = tmp_path / "again"
+    assert cli_main(["eval", "--model", str(tmp_path / "out"), "--teacher", local["teacher_model_name_or_path"],
+                     "--tasks", "llmkd_addition_choice", "--limit", "4", "--output_dir", str(again),
+                     "--device", "cpu"]) == 0
+    reference = json.loads((again / "results.json").read_text())
+    for part in ("student", "teacher"):
+        assert results[part]["scores"] == reference[part]["scores"], part

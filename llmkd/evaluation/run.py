@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -222,6 +223,27 @@ def _is_partitioned(model) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _one_process_loading():
+    """Load models as whole, unsharded modules even inside a DeepSpeed ZeRO-3 run: transformers partitions every
+    model it builds while a ZeRO-3 config is registered (``zero.Init``, a collective call), and at the end of
+    training only the main process evaluates."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    if not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
 def _trainer_teacher(trainer):
     for name in ("teacher", "teacher_model", "ref_model"):
         teacher = getattr(trainer, name, None)
@@ -244,15 +266,17 @@ def evaluate_after_training(trainer) -> dict | None:
     student = trainer.accelerator.unwrap_model(trainer.model)
     tokenizer = tokenizer_of(trainer.processing_class) if trainer.processing_class is not None else None
     if _is_partitioned(student) or tokenizer is None:
-        student, tokenizer = load_for_evaluation(output_dir, "student")
+        with _one_process_loading():
+            student, tokenizer = load_for_evaluation(output_dir, "student")
     teacher = teacher_tokenizer = None
     teacher_path = getattr(args, "teacher_model_name_or_path", None)
     if getattr(args, "eval_teacher", True):
         teacher = _trainer_teacher(trainer)
         if teacher is None and teacher_path:
-            teacher, teacher_tokenizer = load_for_evaluation(
-                teacher_path, "teacher", dtype=getattr(args, "teacher_dtype", "float32"),
-                trust_remote_code=getattr(args, "trust_remote_code", False))
+            with _one_process_loading():
+                teacher, teacher_tokenizer = load_for_evaluation(
+                    teacher_path, "teacher", dtype=getattr(args, "teacher_dtype", "float32"),
+                    trust_remote_code=getattr(args, "trust_remote_code", False))
         elif teacher is None:
             logger.info("No teacher to evaluate (the run had none, or it is sharded and has no path): "
                         "the results have no retention column.")
