@@ -287,6 +287,11 @@ def test_labeled_unlabeled_and_validation_rows(tmp_path, teacher, splits):
     # 64 train rows - 8 validation - 8 labeled (the 8 rows labeled -1 are unlabeled) + 24 extra images
     assert len(trainer.unlabeled_dataset) == 64 - 8 - 8 + 24
     assert len(trainer.train_dataset) == 72 and "unlabeled_teacher_logits" in trainer.train_dataset[0]
+    # a fixed labeled list: every other row labeled -1, labeled="100%"
+    fixed = DHOTrainer(model=tiny_student(), teacher_model=teacher,
+                       args=config(tmp_path, labeled="100%", class_names=CLASS_NAMES), train_dataset=train,
+                       processing_class=student_processor(), teacher_processing_class=clip_processor())
+    assert (len(fixed.labeled_dataset), len(fixed.unlabeled_dataset)) == (56, 8)
     with pytest.raises(ValueError, match=r"does not match the train split's columns: it lacks \['image'\]"):
         DHOTrainer(model=tiny_student(), teacher_model=teacher, args=config(tmp_path),
                    train_dataset=splits["train"], unlabeled_dataset=datasets.Dataset.from_dict({"picture": [[1, 2]]}),
