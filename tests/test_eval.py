@@ -264,3 +264,26 @@ def test_cli_eval_errors_are_clear(tmp_path, capsys):
 
     with pytest.raises(EvaluationError, match="classification task"):
         evaluate_paths(TEACHER, "llmkd_sentiment", limit=2, output_dir=str(tmp_path / "y"))
+
+
+def test_lora_student_folder_is_evaluated_with_its_adapter_merged(tmp_path):
+    """llmkd train saves a LoRA student as its adapter only; llmkd eval loads the base it names and merges it."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(TEACHER, use_safetensors=True)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))  # random adapter: not the base any more
+    lora.save_pretrained(str(tmp_path / "adapter"))
+    tokenizer = AutoTokenizer.from_pretrained(TEACHER)
+    tokenizer.save_pretrained(str(tmp_path / "adapter"))
+    assert not (tmp_path / "adapter" / "config.json").exists()
+    results = evaluate_paths(str(tmp_path / "adapter"), "llmkd_addition_perplexity", limit=6,
+                             output_dir=str(tmp_path / "out"), device="cpu")
+    texts = [r["text"] for r in read_jsonl(os.path.join(DATA, "addition_perplexity.jsonl"))[:6]]
+    merged = lora.merge_and_unload().eval()
+    assert results["student"]["scores"]["llmkd_addition_perplexity"]["metrics"]["byte_perplexity"] == \
+        pytest.approx(_rolling_bytes_perplexity(merged, tokenizer, texts), rel=1e-4)
+    plain = AutoModelForCausalLM.from_pretrained(TEACHER, use_safetensors=True).eval()
+    assert _rolling_bytes_perplexity(plain, tokenizer, texts) != pytest.approx(
+        _rolling_bytes_perplexity(merged, tokenizer, texts), rel=1e-4)  # the adapter mattered

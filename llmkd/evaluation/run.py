@@ -61,12 +61,45 @@ def is_image_classifier_config(config) -> bool:
     return type(config) in mapping and type(config) not in AutoModelForCausalLM._model_mapping
 
 
+def _is_adapter_folder(path: str) -> bool:
+    """A LoRA student as ``llmkd train`` saves it: the adapter (``adapter_config.json``), no full ``config.json``."""
+    return os.path.isfile(os.path.join(path, "adapter_config.json")) and \
+        not os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _load_adapter(path: str, role: str, *, dtype: str, trust_remote_code: bool):
+    """A LoRA student: its base model (named in ``adapter_config.json``) with the adapter merged in, and the
+    tokenizer saved beside the adapter (or the base's)."""
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftConfig
+
+    from ..loading import resolve_dtype
+
+    try:
+        adapter = PeftConfig.from_pretrained(path)
+        base = adapter.base_model_name_or_path
+        peft_class = AutoPeftModelForSequenceClassification if adapter.task_type == "SEQ_CLS" else \
+            AutoPeftModelForCausalLM
+        model = peft_class.from_pretrained(path, dtype=resolve_dtype(dtype), use_safetensors=True,
+                                           trust_remote_code=trust_remote_code).merge_and_unload()
+    except (OSError, ValueError) as error:
+        raise EvaluationError(f"Could not load the {role} LoRA adapter {path!r} on its base model: {error}") from error
+    has_tokenizer = any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json",
+                                                                                "tokenizer_config.json"))
+    if not has_tokenizer:
+        return model, tokenizer_of(load_processing_class(base, role=role, trust_remote_code=trust_remote_code))
+    from transformers import AutoTokenizer
+
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
 def load_for_evaluation(path: str, role: str, *, dtype: str = "float32", device: str | None = None,
                         trust_remote_code: bool = False):
     """(model, tokenizer or image processor) from a folder or Hub name: a causal LM or, if its config says so, a
     sequence classifier or an image classifier (safetensors only)."""
     check_model_dir(path, role)
-    if _looks_local(path) and is_image_classifier_config(_config(path, trust_remote_code)):
+    if _looks_local(path) and _is_adapter_folder(path):
+        model, processing = _load_adapter(path, role, dtype=dtype, trust_remote_code=trust_remote_code)
+    elif _looks_local(path) and is_image_classifier_config(_config(path, trust_remote_code)):
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         try:
