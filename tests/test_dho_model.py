@@ -208,3 +208,13 @@ def test_serves_as_an_image_classification_pipeline(tmp_path):
     assert {s["label"] for s in scores} == set(CLASS_NAMES)
     for item in scores:
         assert item["score"] == pytest.approx(p[CLASS_NAMES.index(item["label"])].item(), rel=1e-4)
+
+
+def test_gradient_checkpointing_is_the_backbones():
+    model = tiny_student(tiny_vit_config()).train()
+    pixels = torch.randn(2, 3, 16, 16)
+    plain = torch.autograd.grad(model(pixel_values=pixels).logits.sum(), model.backbone.embeddings.cls_token)[0]
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.backbone.layers)
+    checkpointed = torch.autograd.grad(model(pixel_values=pixels).logits.sum(), model.backbone.embeddings.cls_token)[0]
+    torch.testing.assert_close(checkpointed, plain)

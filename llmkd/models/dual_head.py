@@ -204,6 +204,8 @@ class DualHeadModel(DualHeadPreTrainedModel):
     def __init__(self, config: DualHeadConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)
         self.backbone = backbone if backbone is not None else AutoModel.from_config(config.backbone_config)
+        # gradient checkpointing is the backbone's (the heads are single linear layers)
+        self.supports_gradient_checkpointing = bool(getattr(self.backbone, "supports_gradient_checkpointing", False))
         if config.feature_size is None:
             config.feature_size = self._measure_feature_size()
         self.ce_head = nn.Linear(config.feature_size, config.num_labels)
