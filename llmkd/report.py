@@ -165,8 +165,12 @@ def _summary_rows(summary: dict[str, Any]) -> str:
     cells = []
     for key, value in summary.items():
         if isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
-        cells.append(f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(str(value))}</td></tr>")
+            text = "<br>".join(f"{html.escape(str(k))} = {html.escape(str(v))}" for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            text = html.escape(", ".join(map(str, value)))
+        else:
+            text = html.escape(str(value))
+        cells.append(f"<tr><th>{html.escape(str(key))}</th><td>{text}</td></tr>")
     return "\n".join(cells)
 
 
