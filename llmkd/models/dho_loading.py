@@ -74,7 +74,7 @@ def load_dho_student(model, args, processing_class, class_names):
     return model, processing_class
 
 
-def load_dho_teacher(teacher, args, teacher_processing_class, class_names, student_processor):
+def load_dho_teacher(teacher, args, teacher_processing_class, class_names):
     """(teacher, its image processor): a CLIP checkpoint or ``CLIPModel`` becomes a zero-shot classifier over
     ``class_names`` with ``args.prompt_templates``; any other checkpoint loads as an image classifier; a classifier
     object is used as it is."""

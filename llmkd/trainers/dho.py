@@ -274,7 +274,8 @@ class DHOTrainer(Trainer):
         teacher, logits = None, {}
         if not has_logits and not (args.ce_weight == 1.0):
             teacher, teacher_processing_class = load_dho_teacher(teacher_model, args, teacher_processing_class,
-                                                              class_names, processing_class)
+                                                              class_names)
+            teacher_processing_class = teacher_processing_class or processing_class
             teacher_classes = getattr(teacher, "num_labels", None) or teacher.config.num_labels
             if teacher_classes != num_labels:
                 raise ValueError(f"The teacher scores {teacher_classes} classes but the student has {num_labels}; "
@@ -322,9 +323,6 @@ class DHOTrainer(Trainer):
     @staticmethod
     def _teacher_pass(dataset, teacher, image_processor, args: DHOConfig, name: str) -> np.ndarray:
         """The teacher's ``(N, C)`` logits on ``dataset``, computed once."""
-        if image_processor is None:
-            raise ValueError("Precomputing teacher logits needs the teacher's image processor: pass "
-                             "teacher_processing_class=...")
         teacher.to(args.device)
         return compute_teacher_logits(teacher, dataset, image_processor, image_column=args.image_column,
                                       batch_size=args.teacher_batch_size, num_workers=args.dataloader_num_workers,
