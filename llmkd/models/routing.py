@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import logging
+
 import torch
 from torch import nn
 
 from ..losses.load_balancing import expert_assignment_counts, load_balancing_loss
+
+logger = logging.getLogger(__name__)
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -23,6 +27,40 @@ def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(gate, nn.Module) and isinstance(getattr(module, "experts", None), nn.Module):
             routers.append((f"{name}.gate", gate))
     return routers
+
+
+def sparse_blocks(model: nn.Module) -> list[nn.Module]:
+    """The sparse MoE blocks of ``model`` (the modules holding a ``gate`` router and ``experts``)."""
+    return [module for module in model.modules()
+            if isinstance(getattr(module, "gate", None), nn.Module)
+            and isinstance(getattr(module, "experts", None), nn.Module)]
+
+
+def prepare_sparse_blocks_for_zero3(model: nn.Module, args) -> int:
+    """Make ``model``'s sparse blocks trainable under DeepSpeed ZeRO-3; returns the number of blocks.
+
+    transformers' experts hold fused 3D weights and take per-expert *views* of them in the forward (``W[e]``, or a
+    transposed view for ``grouped_mm``); autograd saves those views for the backward, but ZeRO-3 releases the
+    weights' storage after the forward, so the backward fails ("The size of tensor a (0) must match ...", found by
+    the 2-process ZeRO-3 test). With gradient checkpointing the decoder layers' forward is recomputed in the
+    backward after ZeRO-3 has gathered their weights again, so the saved views are valid: it is switched on
+    (``args.gradient_checkpointing = True``, logged) when the run has not asked for it. Each sparse block also
+    becomes a ZeRO-3 leaf (``set_z3_leaf_modules``), as DeepSpeed recommends for MoE models, whose data-dependent
+    expert order defeats ZeRO-3's prefetching.
+    """
+    blocks = sparse_blocks(model)
+    if blocks:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, sorted({type(block) for block in blocks}, key=lambda cls: cls.__name__))
+        if not (args.gradient_checkpointing or getattr(args, "activation_checkpointing", False)):
+            logger.warning("DeepSpeed ZeRO-3 with an MoE student: turning gradient checkpointing on (the experts' "
+                           "fused weights must be gathered again for the backward; see "
+                           "llmkd.models.routing.prepare_sparse_blocks_for_zero3).")
+            args.gradient_checkpointing = True
+            if hasattr(args, "activation_checkpointing"):  # the field transformers >= 5.20 reads in train()
+                args.activation_checkpointing = True
+    return len(blocks)
 
 
 def is_moe_model(model: nn.Module) -> bool:
@@ -136,3 +174,15 @@ class RouterMonitor:
         metrics = {"moe_aux_loss": float(scalars[0] / scalars[1].clamp_min(1.0)), "moe_load_max": max(share)}
         metrics.update({f"moe_load_e{i}": value for i, value in enumerate(share)})
         return metrics
+
+
+def monitor_student_routers(student: nn.Module, args) -> RouterMonitor | None:
+    """The trainers' set-up for an MoE student: a :class:`RouterMonitor` (None for a dense student) and, under
+    DeepSpeed ZeRO-3, :func:`prepare_sparse_blocks_for_zero3` (before the engine is built in ``train()``)."""
+    if not is_moe_model(student):
+        return None
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        prepare_sparse_blocks_for_zero3(student, args)
+    return RouterMonitor(student)

@@ -30,7 +30,7 @@ from torch import nn
 from ..config import DistillConfig
 from ..heads import unwrap_model
 from ..models.moe import upcycle_to_moe
-from ..models.routing import RouterMonitor, is_moe_model
+from ..models.routing import is_moe_model, monitor_student_routers
 from .base import DistillTrainer
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,7 @@ class MoEMimicTrainer(DistillTrainer):
         super().__init__(model=model, teacher_model=teacher_model, args=args, peft_config=peft_config, **kwargs)
         if self.is_classification:
             raise ValueError("MoE mimic distillation is for causal LMs and VLMs, not sequence classifiers.")
-        student = unwrap_model(self.model)
-        self.router_monitor = RouterMonitor(student) if is_moe_model(student) else None
+        self.router_monitor = monitor_student_routers(unwrap_model(self.model), self.args)
         if args.moe_stage == "d2s" and self.router_monitor is None:
             raise ValueError("moe_stage='d2s' needs an MoE student after upcycling; none was found.")
 

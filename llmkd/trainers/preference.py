@@ -31,7 +31,7 @@ from ..data.sources import load_dataset_splits
 from ..heads import unwrap_model
 from ..loading import load_causal_lm, load_processing_class, tokenizer_of
 from ..losses.preference import PREFERENCE_LOSSES, preference_loss
-from ..models.routing import RouterMonitor, is_moe_model
+from ..models.routing import monitor_student_routers
 from ..teacher import check_same_tokenizer, freeze
 from .base import DistillTrainer, lora_config_from_args
 
@@ -120,8 +120,7 @@ class PreferenceDistillTrainer(DPOTrainer):
         super().__init__(model=model, ref_model=teacher, args=args, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
                          peft_config=peft_config, **kwargs)
-        student = unwrap_model(self.model)
-        self.router_monitor = RouterMonitor(student) if is_moe_model(student) else None
+        self.router_monitor = monitor_student_routers(unwrap_model(self.model), self.args)
 
     # ------------------------------------------------------------------------------------------------ set-up
     @staticmethod

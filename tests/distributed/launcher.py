@@ -250,7 +250,8 @@ if __name__ == "__main__":
     _child_main()
 
 
-def launch_deepspeed_run(script: str | os.PathLike, out_dir, nprocs: int = 2, timeout: float = 300) -> LaunchResult:
+def launch_deepspeed_run(script: str | os.PathLike, out_dir, nprocs: int = 2, args: list[str] | tuple[str, ...] = (),
+                         timeout: float = 300) -> LaunchResult:
     """For a test: skip (naming why) without DeepSpeed or its CPU comm op, then launch ``script`` under DeepSpeed,
     retrying once for the infrastructure (rendezvous port, JIT op cache); a real bug fails both runs."""
     import pytest
@@ -261,6 +262,6 @@ def launch_deepspeed_run(script: str | os.PathLike, out_dir, nprocs: int = 2, ti
     except LaunchError as error:
         pytest.skip(f"DeepSpeed's CPU comm op (JIT-built with g++) could not be built on this machine: {error}")
     try:
-        return launch(script, nprocs=nprocs, deepspeed=True, timeout=timeout, out_dir=out_dir)
+        return launch(script, nprocs=nprocs, args=args, deepspeed=True, timeout=timeout, out_dir=out_dir)
     except LaunchError:
-        return launch(script, nprocs=nprocs, deepspeed=True, timeout=timeout, out_dir=out_dir)
+        return launch(script, nprocs=nprocs, args=args, deepspeed=True, timeout=timeout, out_dir=out_dir)

@@ -1,5 +1,6 @@
-"""Per-rank script of tests/test_distributed.py (and test_sinkd_distributed.py with ``--method sinkd``): one
-DistillTrainer (or SinKDTrainer) run, its facts written as files.
+"""Per-rank script of tests/test_distributed.py (and test_sinkd_distributed.py with ``--method sinkd``,
+test_moe_distributed.py with ``--method moe_mimic``): one DistillTrainer (or SinKDTrainer, MoEMimicTrainer) run, its
+facts written as files.
 
 Run by :func:`distributed.launcher.launch` (2 processes, ``--mode ddp|zero2|zero3``) or
 :func:`distributed.launcher.run_single` (``--mode single``). Every run trains the same tiny student (Llama 2x32)
@@ -36,7 +37,15 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (utils.py)
 from utils import make_tokenizer, tiny_llama  # noqa: E402
 
-from llmkd import DistillConfig, DistillTrainer, SinKDConfig, SinKDTrainer  # noqa: E402
+from llmkd import (  # noqa: E402
+    DistillConfig,
+    DistillTrainer,
+    MoEMimicConfig,
+    MoEMimicTrainer,
+    SinKDConfig,
+    SinKDTrainer,
+    upcycle_to_moe,
+)
 from llmkd.heads import unwrap_model  # noqa: E402
 
 OUT = Path(os.environ.get("LLMKD_TEST_OUT") or tempfile.mkdtemp(prefix="llmkd_worker_"))
@@ -156,12 +165,20 @@ class RecordingSinKDTrainer(Recording, SinKDTrainer):
     pass
 
 
+class RecordingMoEMimicTrainer(Recording, MoEMimicTrainer):
+    pass
+
+
 # --method: (config class, trainer class, method-specific config fields)
 METHODS = {
     "kd": (DistillConfig, RecordingTrainer, dict(loss_chunk_size=7, kd_ratio=0.5, divergence="fkl")),
     # Sinkhorn blocks of at most 7 tokens: every micro-batch holds several transport problems, and the 10 + 45
     # tokens of the two halves group differently in one micro-batch of 8 rows than in two of 4
     "sinkd": (SinKDConfig, RecordingSinKDTrainer, dict(sinkhorn_block=7, sinkhorn_scale=0.05)),
+    # an upcycled MoE student (every layer sparse, 4 experts, top-2), d2s: experts/routers/FFNs train, plus the
+    # per-micro-batch load-balancing loss with a large coefficient so that it shows in the update
+    "moe_mimic": (MoEMimicConfig, RecordingMoEMimicTrainer, dict(loss_chunk_size=7, moe_stage="d2s",
+                                                                  aux_loss_coef=0.5)),
 }
 
 
@@ -170,6 +187,8 @@ def train(tag: str, mode: str, batch: int, accumulation: int, steps: int, lr: fl
     tokenizer = make_tokenizer()
     student = tiny_llama(len(tokenizer), hidden=32, layers=2, seed=1)
     teacher = tiny_llama(len(tokenizer) + 7, hidden=48, layers=2, seed=2)
+    if method == "moe_mimic":
+        student = upcycle_to_moe(student, num_experts=4, top_k=2, every=1, seed=3)
     init = {name: p.detach().clone() for name, p in student.named_parameters()}
 
     config_class, trainer_class, method_fields = METHODS[method]
@@ -216,6 +235,7 @@ def train(tag: str, mode: str, batch: int, accumulation: int, steps: int, lr: fl
         "teacher_params": partition_facts(trainer.teacher),
         "micro": trainer.micro,
         "log_history": trainer.state.log_history,
+        "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
     }
     (OUT / f"{tag}.rank{rank}.json").write_text(json.dumps(facts, indent=1, default=str))
 
