@@ -211,12 +211,17 @@ class PairedDataset(torch.utils.data.Dataset):
         return item
 
 
+def data_seed(args) -> int:
+    """The seed of the data choices (labeled rows, held-out validation, pairing): ``data_seed``, else ``seed``."""
+    return args.data_seed if args.data_seed is not None else args.seed
+
+
 def hold_out_validation(train_dataset, args):
     """(train, validation): ``args.validation_size`` labeled rows (count or percentage, stratified, seeded by
     ``data_seed`` + 1) held out of ``train_dataset``."""
     labels = row_labels(train_dataset, args.label_column)
     size = parse_amount(args.validation_size, sum(label >= 0 for label in labels), "validation_size")
-    held = set(stratified_labeled_indices(labels, size, (args.data_seed if args.data_seed is not None else args.seed) + 1))
+    held = set(stratified_labeled_indices(labels, size, data_seed(args) + 1))
     rest = [i for i in range(len(train_dataset)) if i not in held]
     return (train_dataset.select(rest, keep_in_memory=True),
             train_dataset.select(sorted(held), keep_in_memory=True))
@@ -232,7 +237,7 @@ def split_labeled_unlabeled(train_dataset, unlabeled_dataset, args, num_labels: 
     if labeled_rows == 0:
         raise ValueError("The train split has no labeled rows (every label is -1/None): DHO needs some labels.")
     amount = parse_amount(args.labeled, labeled_rows, "labeled")
-    chosen = stratified_labeled_indices(labels, amount, (args.data_seed if args.data_seed is not None else args.seed))
+    chosen = stratified_labeled_indices(labels, amount, data_seed(args))
     chosen_set = set(chosen)
     rest = [i for i in range(len(train_dataset)) if i not in chosen_set]
     keep = [c for c in (args.image_column, "pixel_values", "teacher_logits") if c in train_dataset.column_names]
@@ -261,6 +266,7 @@ def split_labeled_unlabeled(train_dataset, unlabeled_dataset, args, num_labels: 
 
 
 __all__ = [
-    "ImageTransform", "PairedDataset", "UNLABELED", "WithTeacherLogits", "check_labels", "compute_teacher_logits", "parse_amount",
-    "hold_out_validation", "row_labels", "split_labeled_unlabeled", "stratified_labeled_indices", "to_rgb",
+    "ImageTransform", "PairedDataset", "UNLABELED", "WithTeacherLogits", "check_labels", "compute_teacher_logits",
+    "data_seed", "hold_out_validation", "parse_amount", "row_labels", "split_labeled_unlabeled",
+    "stratified_labeled_indices", "to_rgb",
 ]

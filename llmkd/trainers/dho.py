@@ -39,6 +39,7 @@ from ..data.images import (
     WithTeacherLogits,
     check_labels,
     compute_teacher_logits,
+    data_seed,
     hold_out_validation,
     parse_amount,
     row_labels,
@@ -302,7 +303,7 @@ class DHOTrainer(Trainer):
             labeled = WithTeacherLogits(labeled, logits["labeled"])
             unlabeled = WithTeacherLogits(unlabeled, logits["unlabeled"])
         self.labeled_dataset, self.unlabeled_dataset = labeled, unlabeled
-        train_dataset = PairedDataset(labeled, unlabeled, seed=_data_seed(args))
+        train_dataset = PairedDataset(labeled, unlabeled, seed=data_seed(args))
 
         super().__init__(
             model=model, args=args, data_collator=data_collator or default_data_collator,
@@ -461,10 +462,6 @@ def _same_processor(first, second) -> bool:
         return type(first) is type(second) and first.to_dict() == second.to_dict()
     except Exception:  # noqa: BLE001 - a processor without to_dict is compared by identity
         return False
-
-
-def _data_seed(args) -> int:
-    return args.data_seed if args.data_seed is not None else args.seed
 
 
 __all__ = ["DHOConfig", "DHOLoss", "DHOTrainer", "dho_loss"]
