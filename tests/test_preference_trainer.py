@@ -120,6 +120,9 @@ def test_the_margin_grows_beyond_the_teachers_on_held_out_pairs(tmp_path, tokeni
     assert any(not torch.equal(v, before[k]) for k, v in student.state_dict().items())
     trainer.save_model(str(tmp_path / "student"))
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "student")).eval()
+    trainer.create_model_card()  # llmkd's card, not TRL's
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "llmkd" in card and "preference" in card and loss_type in card
     ids = torch.tensor([[5, 6, 7, 8]])
     torch.testing.assert_close(reloaded(ids).logits, student.eval()(ids).logits)
 

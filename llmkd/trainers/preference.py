@@ -203,6 +203,13 @@ class PreferenceDistillTrainer(DPOTrainer):
         for key, value in values.items():
             self._metrics[mode][key].append(gather(value.float()).mean().item())
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """llmkd's model card (:mod:`llmkd.hub`) instead of TRL's, so ``push_to_hub()`` and checkpoints carry the
+        card ``llmkd publish`` writes."""
+        from ..hub import create_trainer_model_card
+
+        create_trainer_model_card(self)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.router_monitor is not None:
             self.router_monitor.log_into(logs, self.accelerator)
