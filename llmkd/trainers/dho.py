@@ -87,7 +87,9 @@ class DHOConfig(TrainingArguments):
         teacher_dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``auto``.
         precompute_teacher_logits: run the teacher once over the labeled and unlabeled rows before training (True);
             False runs it on every batch. Rows that already hold ``teacher_logits`` never need a teacher.
-        teacher_batch_size: batch size of that pass (64).
+        teacher_batch_size: batch size of that pass (64; images decoded by ``dataloader_num_workers`` workers).
+        The teacher's image processor comes from its checkpoint (or ``teacher_processing_class=``); without one the
+        teacher sees the student's pixels.
 
     Parameters that control the data:
         dataset_name / dataset_config / dataset_train_split / dataset_eval_split: as in every llmkd recipe; the
