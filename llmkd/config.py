@@ -11,7 +11,29 @@ TASK_CHOICES = ("auto", "causal_lm", "sequence_classification")
 
 
 @dataclass
-class ModelSourceFields:
+class RunOutputFields:
+    """Config fields for the end of a run (evaluation, report, publishing); shared by every llmkd config."""
+
+    eval_tasks: str | None = field(
+        default=None, metadata={"help": "Tasks to evaluate after training (comma-separated)."}
+    )
+    eval_limit: int | None = field(default=None, metadata={"help": "Examples per evaluation task (None: all)."})
+    eval_teacher: bool = field(default=True, metadata={"help": "Also evaluate the teacher (retention ratio)."})
+    report: bool = field(default=True, metadata={"help": "Write report.html with PNG curves after training."})
+    hub_endpoint: str | None = field(default=None, metadata={"help": "Hub server for push_to_hub (default: HF's)."})
+
+    def check_run_outputs(self) -> None:
+        """Validate the fields above (called by the configs' ``__post_init__``)."""
+        if getattr(self, "hub_token", None):
+            raise ValueError("hub_token is not accepted: the Trainer pickles its arguments into every checkpoint "
+                             "(training_args.bin), so the token would be saved on disk. Set HF_TOKEN in the "
+                             "environment or run `hf auth login` instead.")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ValueError(f"eval_limit must be >= 1 (examples per task), got {self.eval_limit}.")
+
+
+@dataclass
+class ModelSourceFields(RunOutputFields):
     """Config fields that name the student, the teacher, the data and a LoRA adapter, and what ``llmkd train``
     leaves after training (evaluation, report, publishing: see DistillConfig); shared by every llmkd config
     (:class:`DistillConfig` and the TRL-based :class:`~llmkd.PreferenceDistillConfig`)."""
@@ -41,26 +63,13 @@ class ModelSourceFields:
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Modules to adapt (default: all linear layers but the head)."}
     )
-    # end of training: evaluation, report, publishing
-    eval_tasks: str | None = field(
-        default=None, metadata={"help": "Tasks to evaluate after training (comma-separated)."}
-    )
-    eval_limit: int | None = field(default=None, metadata={"help": "Examples per evaluation task (None: all)."})
-    eval_teacher: bool = field(default=True, metadata={"help": "Also evaluate the teacher (retention ratio)."})
-    report: bool = field(default=True, metadata={"help": "Write report.html with PNG curves after training."})
-    hub_endpoint: str | None = field(default=None, metadata={"help": "Hub server for push_to_hub (default: HF's)."})
 
     def check_model_sources(self) -> None:
         """Validate the fields above (called by the configs' ``__post_init__``)."""
         for name in ("student_dtype", "teacher_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {DTYPES}.")
-        if getattr(self, "hub_token", None):
-            raise ValueError("hub_token is not accepted: the Trainer pickles its arguments into every checkpoint "
-                             "(training_args.bin), so the token would be saved on disk. Set HF_TOKEN in the "
-                             "environment or run `hf auth login` instead.")
-        if self.eval_limit is not None and self.eval_limit < 1:
-            raise ValueError(f"eval_limit must be >= 1 (examples per task), got {self.eval_limit}.")
+        self.check_run_outputs()
         if self.teacher_load_in_4bit and self.teacher_load_in_8bit:
             raise ValueError("Choose one of teacher_load_in_4bit and teacher_load_in_8bit, not both.")
 

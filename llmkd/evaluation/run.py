@@ -121,10 +121,12 @@ def load_for_evaluation(path: str, role: str, *, dtype: str = "float32", device:
 
 
 def score_clip_teacher(path: str, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
-                       device: str | None = None) -> dict[str, dict]:
+                       device: str | None = None, templates: list[str] | None = None,
+                       class_names: list[str] | None = None) -> dict[str, dict]:
     """A CLIP checkpoint as a zero-shot image classifier (the DHO teacher): for each image classification task, a
-    :class:`~llmkd.models.clip_teacher.CLIPZeroShotClassifier` over the task's class names (its ``ClassLabel``
-    names, prompt ``"a photo of a {}."``)."""
+    :class:`~llmkd.models.clip_teacher.CLIPZeroShotClassifier` over ``class_names`` (default: the task's
+    ``ClassLabel`` names) with the prompt ``templates`` (default ``"a photo of a {}."``; a DHO run passes its
+    own)."""
     from transformers import AutoImageProcessor
 
     from ..models.clip_teacher import CLIPZeroShotClassifier
@@ -138,12 +140,13 @@ def score_clip_teacher(path: str, tasks: list[str], *, limit: int | None = None,
                                   f"tasks only (llmkd_digits, a saved image dataset), not {name!r}.")
         rows = load_rows(spec, limit)
         feature = rows.features.get(spec.label_column)
-        class_names = getattr(feature, "names", None)
-        if not class_names:
+        names = class_names or getattr(feature, "names", None)
+        if not names:
             raise EvaluationError(f"Task {name!r}: a CLIP teacher needs class names (a ClassLabel column "
                                   f"{spec.label_column!r}) to build its zero-shot classifier.")
-        teacher = CLIPZeroShotClassifier.from_pretrained(path, class_names, dtype=torch.float32, device=device,
-                                                         use_safetensors=True)
+        extra = {"templates": templates} if templates else {}
+        teacher = CLIPZeroShotClassifier.from_pretrained(path, names, dtype=torch.float32, device=device,
+                                                         use_safetensors=True, **extra)
         processor = AutoImageProcessor.from_pretrained(path)
         scores[name] = evaluate_classifier(teacher, processor, spec, limit=limit, batch_size=batch_size)
     return scores
@@ -301,11 +304,20 @@ def evaluate_after_training(trainer) -> dict | None:
     if _is_partitioned(student) or tokenizer is None:
         with _one_process_loading():
             student, tokenizer = load_for_evaluation(output_dir, "student")
-    teacher = teacher_tokenizer = None
+    teacher = teacher_tokenizer = clip_teacher_scores = None
     teacher_path = getattr(args, "teacher_model_name_or_path", None)
+    device = str(next(student.parameters()).device)
+    batch_size = int(getattr(args, "per_device_eval_batch_size", 16) or 16)
     if getattr(args, "eval_teacher", True):
         teacher = _trainer_teacher(trainer)
-        if teacher is None and teacher_path:
+        if teacher is None and teacher_path and _looks_local(teacher_path) and \
+                getattr(_config(teacher_path, False), "model_type", None) == "clip":
+            # a CLIP teacher the run no longer holds (DHO precomputes its logits): rebuild its zero-shot classifier
+            # with the run's prompt templates and class names
+            clip_teacher_scores = score_clip_teacher(
+                teacher_path, tasks, limit=getattr(args, "eval_limit", None), batch_size=batch_size, device=device,
+                templates=getattr(args, "prompt_templates", None), class_names=getattr(args, "class_names", None))
+        elif teacher is None and teacher_path:
             with _one_process_loading():
                 teacher, teacher_tokenizer = load_for_evaluation(
                     teacher_path, "teacher", dtype=getattr(args, "teacher_dtype", "float32"),
@@ -317,12 +329,13 @@ def evaluate_after_training(trainer) -> dict | None:
     if getattr(trainer, "eval_dataset", None) is not None:
         def eval_batches():
             return iter(trainer.get_eval_dataloader())
-    device = str(next(student.parameters()).device)
-    batch_size = int(getattr(args, "per_device_eval_batch_size", 16) or 16)
     results = evaluate_models(
         student, tokenizer, tasks, teacher=teacher, teacher_tokenizer=teacher_tokenizer or tokenizer,
         limit=getattr(args, "eval_limit", None), batch_size=batch_size, device=device,
         student_name=os.path.abspath(output_dir), teacher_name=teacher_path or "teacher", eval_batches=eval_batches)
+    if clip_teacher_scores is not None:
+        results = combine(results["student"], {"model": teacher_path, "scores": clip_teacher_scores},
+                          results["settings"])
     write_results(results, output_dir)
     logger.info("End-of-training evaluation (%s):\n%s", os.path.join(output_dir, "results.json"),
                 markdown_table(results))

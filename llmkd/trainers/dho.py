@@ -45,6 +45,7 @@ from ..data.images import (
     row_labels,
     split_labeled_unlabeled,
 )
+from ..config import RunOutputFields
 from ..data.sources import load_dataset_splits
 from ..heads import unwrap_model
 from ..losses import forward_kl
@@ -62,7 +63,7 @@ TEACHER_TYPES = ("auto", "clip", "classifier")  # see llmkd.models.dho_loading.l
 
 
 @dataclass
-class DHOConfig(TrainingArguments):
+class DHOConfig(RunOutputFields, TrainingArguments):
     r"""Configuration for :class:`DHOTrainer`. Every ``TrainingArguments`` field works; ``per_device_train_batch_size``
     is the size of the labeled batch AND of the unlabeled batch of a step. Defaults that differ from
     TrainingArguments: ``remove_unused_columns=False`` (images are processed on the fly), ``logging_steps=10``,
@@ -100,6 +101,9 @@ class DHOConfig(TrainingArguments):
         labeled: how many labeled train rows to keep labels for: a count (``"128"``) or a percentage of the
             labeled train rows (``"1%"``), sampled per class as evenly as possible (seeded by ``data_seed`` or
             ``seed``); the other rows become unlabeled.
+
+    Parameters of the end of the run (as in every llmkd config): eval_tasks (e.g. ``llmkd_digits``), eval_limit,
+    eval_teacher, report, hub_endpoint.
 
     Parameters that control the loss and the inference weights:
         ce_weight: ``lam`` (0.5). temperature: ``T`` (2.0).
@@ -147,6 +151,7 @@ class DHOConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        self.check_run_outputs()
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False for DHO: images are turned into pixel_values on the "
                              "fly, so the image and label columns must reach the transform.")
