@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher_steps", type=int, default=1500)
     parser.add_argument("--teacher_lr", type=float, default=1e-3)
     parser.add_argument("--student_hidden", type=int, default=48, help="width of the students' 4-layer Llama")
-    parser.add_argument("--d2d_steps", type=int, default=800)
+    parser.add_argument("--d2d_steps", type=int, default=1200)
     parser.add_argument("--d2d_lr", type=float, default=2e-3)
     parser.add_argument("--d2s_steps", type=int, default=300)
     parser.add_argument("--d2s_lr", type=float, default=5e-4)
@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     started = time.time()
+    load_at_start = os.getloadavg()[0]  # the machine is shared: the wall time depends on what else runs
 
     tokenizer = task.make_tokenizer()
     processor = task.make_processor(tokenizer)
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         def record(name, model, logs, start):
             per_seed[name][seed] = task.evaluate(model, processor, held_out)
-            train_logs[name][seed] = logs
+            train_logs[name][seed] = {**logs, "seconds": round(time.time() - start, 1)}
             scores = per_seed[name][seed]
             print(f"seed {seed} {name:18s} accuracy {scores['accuracy']:.3f} hallucination "
                   f"{scores['hallucination']:.3f} (list {scores['list_hallucination']:.3f}, yes on absent "
@@ -273,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.output, "w") as handle:
             json.dump({"command": " ".join(["python", "scripts/moe_hallucination_study.py", *sys.argv[1:]]),
                        "settings": vars(args), "wall_seconds": round(wall, 1),
-                       "teacher_seconds": round(teacher_seconds, 1), "summary": summary,
+                       "teacher_seconds": round(teacher_seconds, 1),
+                       "load_average_at_start_and_end": [load_at_start, os.getloadavg()[0]], "summary": summary,
                        "per_seed": {m: {str(s): v for s, v in by.items()} for m, by in per_seed.items()},
                        "train_logs": {m: {str(s): v for s, v in by.items()} for m, by in train_logs.items()},
                        "table": table}, handle, indent=1)
