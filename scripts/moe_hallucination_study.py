@@ -2,24 +2,30 @@
 
     OMP_NUM_THREADS=1 python scripts/moe_hallucination_study.py --seeds 0 1 2 --output docs/moe_study.json
 
-Offline, CPU only; about RUNTIME on one free core of this 2-core machine for 3 seeds (the teacher once, then
-each seed's four student stages and six evaluations). The task (scripts/moe_study_task.py): 16 x 16 images with 1-3
-coloured shapes; "what objects ?" (answer: the list) and "is there a <object> ?" (yes/no); a hallucination is an
-answer naming an absent object, or "yes" for an absent object.
+Offline, CPU only, one thread: 8 min 11 s wall for 3 seeds on this 2-core machine shared with other jobs (load
+average 3-4; the teacher 74 s, then per seed d2d ~65 s, d2s ~20 s, each preference run ~12 s, the SFT control ~7 s,
+evaluations included); about 1.3 GB of memory. Deterministic: two runs gave identical numbers.
+
+The task (scripts/moe_study_task.py): 16 x 16 images with 1-3 coloured shapes; "what objects ?" (answer: the list)
+and "is there a <object> ?" (yes/no); a hallucination is an answer naming an absent object, or "yes" for an absent
+object. Results and their reading: docs/MOE.md, "Miniature study: hallucination on a synthetic VLM task".
 
 Pipeline (ALGORITHMS.md section 3), every student model scored on the same held-out questions by greedy decoding:
 
-1. teacher: a LLaVA (CLIP tower 2 x 64, Llama 3 x 96) trained with plain CE (``transformers.Trainer``) on clean
-   labels, once (it does not depend on the student seed);
-2. ``d2d``: a fresh dense student (Llama 4 x 32, the teacher's vision tower copied in and frozen, a fresh
+1. teacher: a CLIP tower (2 x 64) pretrained to classify each cell's object, then a LLaVA (that tower frozen, Llama
+   3 x 96) trained with plain CE (``transformers.Trainer``) on clean labels, once (independent of the seed);
+2. ``d2d``: a fresh dense student (Llama 4 x 48, the teacher's vision tower copied in and frozen, a fresh
    projector) distilled with ``MoEMimicTrainer(moe_stage="d2d")`` (forward KL + CE) on the students' "general
    data": fewer images than the teacher's, with ``--label_noise`` of the answers hallucinated (noisy captions);
 3. ``d2s``: the d2d student upcycled inside ``MoEMimicTrainer(moe_stage="d2s")`` (layers 0 and 2 get 4 experts,
    top-2; only FFNs/experts/routers and the projector train) on the same general data;
-4. ``d2s+kto_pair`` / ``d2s+sigmoid``: ``PreferenceDistillTrainer`` from the d2s student, the teacher as the
-   reference, on pairs (chosen: the correct answer, rejected: a hallucinated one) from images no model saw;
-5. ``d2s+sft`` (control): the d2s student trained with CE on the same pairs' chosen answers, same steps, so that
-   any gain of the preference stage can be told apart from "more clean data".
+4. ``d2s+kto_pair@lr`` / ``d2s+sigmoid@lr``: ``PreferenceDistillTrainer`` from the d2s student, the teacher as the
+   reference, on pairs (chosen: the correct answer, rejected: a hallucinated one) from images no model saw, at
+   each of ``--pref_lrs`` (1e-5 and 5e-5; the paper's 2e-6 is for a 2B student, and 1e-5 already moves these
+   students only a little);
+   the trainable set is the one d2s left (FFNs/experts/routers + projector);
+5. ``d2s+sft@lr`` (control): the d2s student trained with CE only (``kd_weight=0``) on the same pairs' chosen
+   answers, same steps and batch, so that a gain of the preference stage can be told apart from "more clean data".
 
 Seeds change the students' initialisation, data order and router initialisation; the data (``--data_seed``) and
 the teacher are fixed. Prints a markdown table (mean and sample std over seeds) and writes every number as JSON.
@@ -32,6 +38,7 @@ import copy
 import json
 import logging
 import os
+import random
 import statistics
 import sys
 import time
@@ -44,7 +51,7 @@ import moe_study_task as task  # noqa: E402
 
 STAGES = ("d2d", "d2s", "kto_pair", "sigmoid", "sft")
 METRICS = ("accuracy", "hallucination", "list_accuracy", "list_hallucination", "yesno_accuracy", "yes_on_absent",
-           "yes_on_present")
+           "yes_on_present", "yesno_auc")
 
 
 def fresh_copy(model):
@@ -95,8 +102,8 @@ def mimic(stage: str, student, teacher, tokenizer, rows, seed: int, steps: int, 
 
     from llmkd import MoEMimicConfig, MoEMimicTrainer
 
-    config = MoEMimicConfig(**common_args(output_dir, seed, steps, lr, batch_size), moe_stage=stage, kd_weight=kd_weight,
-                            task="causal_lm")
+    config = MoEMimicConfig(**common_args(output_dir, seed, steps, lr, batch_size), moe_stage=stage,
+                            kd_weight=kd_weight, task="causal_lm")
     trainer = MoEMimicTrainer(model=student, teacher_model=copy.deepcopy(teacher), args=config,
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     trainer.train()
@@ -141,11 +148,11 @@ def markdown(summary, per_seed, seeds) -> str:
         return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
 
     lines = ["| model | accuracy % | hallucination % | list acc. % | list halluc. % | yes on absent % | "
-             "yes on present % |", "|---|---|---|---|---|---|---|"]
+             "yes on present % | yes/no AUC % |", "|---|---|---|---|---|---|---|---|"]
     for model, stats in summary.items():
         lines.append(f"| {model} | " + " | ".join(cell(stats[m]) for m in (
-            "accuracy", "hallucination", "list_accuracy", "list_hallucination", "yes_on_absent", "yes_on_present"))
-            + " |")
+            "accuracy", "hallucination", "list_accuracy", "list_hallucination", "yes_on_absent", "yes_on_present",
+            "yesno_auc")) + " |")
     lines += ["", "| model | " + " | ".join(f"seed {s} acc. / halluc. %" for s in seeds) + " |",
               "|---" * (len(seeds) + 1) + "|"]
     for model, by_seed in per_seed.items():
@@ -197,8 +204,6 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = task.make_tokenizer()
     processor = task.make_processor(tokenizer)
-    import random
-
     teacher_data = task.make_split(args.teacher_images, seed=10_000 + args.data_seed)
     general = task.make_split(args.student_images, seed=20_000 + args.data_seed)
     noise_rng = random.Random(25_000 + args.data_seed)
@@ -238,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             scores = per_seed[name][seed]
             print(f"seed {seed} {name:18s} accuracy {scores['accuracy']:.3f} hallucination "
                   f"{scores['hallucination']:.3f} (list {scores['list_hallucination']:.3f}, yes on absent "
-                  f"{scores['yes_on_absent']:.3f}, yes on present {scores['yes_on_present']:.3f}) "
+                  f"{scores['yes_on_absent']:.3f}, yes on present {scores['yes_on_present']:.3f}, AUC "
+                  f"{scores['yesno_auc']:.3f}) "
                   f"{time.time() - start:.0f} s  {logs}", flush=True)
 
         out = os.path.join(args.output_dir, f"seed{seed}")

@@ -9,8 +9,8 @@ Two questions with checkable answers, and a well-defined hallucination:
 
 - ``list``: "what objects ? <image> answer" -> the present objects in a canonical order, e.g. "blue cross red square".
   Hallucination: the answer names an object that is absent.
-- ``yesno``: "is there a red square ? <image> answer" -> "yes" / "no"; half of the asked objects are present, and half of
-  the absent ones share a colour or a shape with a present one. Hallucination: "yes" for an absent object.
+- ``yesno``: "is there a red square ? <image> answer" -> "yes" / "no"; half of the asked objects are present, and
+  half of the absent ones share a colour or a shape with a present one. Hallucination: "yes" for an absent object.
 
 Everything is generated from a seed (``make_split``), tokenised by a word-level tokenizer over the task's words
 (``make_tokenizer``), and turned into pixels by a LlavaProcessor sized to the images (``make_processor``), so that
@@ -182,7 +182,8 @@ def tiny_llava(tokenizer, hidden: int, layers: int, seed: int, vision_from=None)
                          vision_feature_select_strategy="default", projector_hidden_act="gelu")
     model = LlavaForConditionalGeneration(config)
     if vision_from is not None:
-        tower = vision_from.model.vision_tower if isinstance(vision_from, LlavaForConditionalGeneration) else vision_from
+        is_llava = isinstance(vision_from, LlavaForConditionalGeneration)
+        tower = vision_from.model.vision_tower if is_llava else vision_from
         model.model.vision_tower.load_state_dict(tower.state_dict())
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -308,6 +309,28 @@ def generate_answers(model, processor, examples: list[Example], batch_size: int 
     return answers
 
 
+@torch.no_grad()
+def yes_no_auc(model, processor, examples: list[Example], batch_size: int = 256) -> float:
+    """How well the model's ``logit(yes) - logit(no)`` at the answer position separates the yes/no questions about
+    present objects from those about absent ones (ROC AUC; 0.5: no better than chance). Unlike the yes rates it
+    does not depend on where the model puts its threshold, so it tells a better discrimination apart from a mere
+    shift towards "no"."""
+    model.eval()
+    tokenizer = processor.tokenizer
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    questions = [e for e in examples if e.kind == "yesno"]
+    scores = []
+    for start in range(0, len(questions), batch_size):  # yes/no prompts all have the same length
+        rows = encode(processor, questions[start:start + batch_size])
+        input_ids = torch.tensor([ids for ids, _ in rows])
+        logits = model(input_ids=input_ids, pixel_values=torch.stack([p for _, p in rows])).logits[:, -1]
+        scores.extend((logits[:, yes] - logits[:, no]).tolist())
+    present = [s for s, e in zip(scores, questions) if not e.asked_absent]
+    absent = [s for s, e in zip(scores, questions) if e.asked_absent]
+    wins = sum((p > a) + 0.5 * (p == a) for p in present for a in absent)
+    return float(wins / max(len(present) * len(absent), 1))
+
+
 def evaluate(model, processor, examples: list[Example]) -> dict[str, float]:
     """Accuracy and hallucination rate over all questions, and per question kind.
 
@@ -315,7 +338,8 @@ def evaluate(model, processor, examples: list[Example]) -> dict[str, float]:
     - ``list_accuracy`` / ``list_hallucination``: over the list questions (CHAIR-like);
     - ``yes_on_absent``: share of yes/no questions about an absent object answered yes (POPE-like false-yes rate);
     - ``yes_on_present``: share of yes/no questions about a present object answered yes (recall; a model that
-      learned to say no to everything has no hallucination and no recall).
+      learned to say no to everything has no hallucination and no recall);
+    - ``yesno_auc``: :func:`yes_no_auc`, the threshold-free separation of present from absent objects.
     """
     predictions = generate_answers(model, processor, examples)
     scored = [score(e, p) for e, p in zip(examples, predictions)]
@@ -334,4 +358,5 @@ def evaluate(model, processor, examples: list[Example]) -> dict[str, float]:
         "yes_on_absent": mean(p.split()[:1] == ["yes"] for e, p in zip(examples, predictions) if e.asked_absent),
         "yes_on_present": mean(p.split()[:1] == ["yes"] for e, p in zip(examples, predictions)
                                if e.kind == "yesno" and not e.asked_absent),
+        "yesno_auc": yes_no_auc(model, processor, examples),
     }
