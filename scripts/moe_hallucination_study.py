@@ -4,7 +4,8 @@
 
 Offline, CPU only, one thread: 8 min 11 s wall for 3 seeds on this 2-core machine shared with other jobs (load
 average 3-4; the teacher 74 s, then per seed d2d ~65 s, d2s ~20 s, each preference run ~12 s, the SFT control ~7 s,
-evaluations included); about 1.3 GB of memory. Deterministic: two runs gave identical numbers.
+evaluations included; 8 min 21 s on a repeat); about 1.3 GB of memory. Deterministic: three runs gave identical
+numbers.
 
 The task (scripts/moe_study_task.py): 16 x 16 images with 1-3 coloured shapes; "what objects ?" (answer: the list)
 and "is there a <object> ?" (yes/no); a hallucination is an answer naming an absent object, or "yes" for an absent
