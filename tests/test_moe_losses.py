@@ -62,10 +62,11 @@ def test_hook_recorded_aux_loss_equals_the_models_own_aux_loss():
     mask[1, :3] = 0
     with monitor.recording():
         outputs = moe(input_ids=ids, attention_mask=mask, output_router_logits=True)
-    assert len(monitor.router_logits) == 4
-    torch.testing.assert_close(monitor.aux_loss(mask), outputs.aux_loss, rtol=1e-6, atol=1e-7)
+        assert len(monitor.router_logits) == 4
+        torch.testing.assert_close(monitor.aux_loss(mask), outputs.aux_loss, rtol=1e-6, atol=1e-7)
+    assert monitor.router_logits == []  # released when the recording ends
     moe(input_ids=ids)  # not recording: nothing is kept
-    assert len(monitor.router_logits) == 4
+    assert monitor.router_logits == []
 
 
 def test_expert_load_metrics_count_the_top_k_assignments():
@@ -74,9 +75,9 @@ def test_expert_load_metrics_count_the_top_k_assignments():
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
     with monitor.recording():
         moe(input_ids=ids)
-    aux = monitor.aux_loss(None)
-    monitor.accumulate_load(None, aux, training=True)
-    chosen = monitor.router_logits[0].topk(2, dim=-1).indices.reshape(-1)
+        aux = monitor.aux_loss(None)
+        monitor.accumulate_load(None, aux, training=True)
+        chosen = monitor.router_logits[0].topk(2, dim=-1).indices.reshape(-1)
     expected = torch.bincount(chosen, minlength=4).double() / chosen.numel()
     metrics = monitor.reduced_metrics(training=True)
     got = torch.tensor([metrics[f"moe_load_e{e}"] for e in range(4)], dtype=torch.float64)

@@ -191,8 +191,11 @@ def test_image_text_pairs_reach_student_and_teacher_and_the_moe_vlm_learns(tmp_p
     assert batch["pixel_values"].shape == (8, 3, 8, 8) and (batch["input_ids"] == image_id).sum() == 8 * 4
     loss = trainer.compute_loss(trainer.model, batch)
     pc, pr, rc, rr = reference_logps(student, teacher, batch)
-    torch.testing.assert_close(loss.detach() - 0.01 * trainer.router_monitor.aux_loss(batch["attention_mask"]),
-                               kto_pair_loss(pc, pr, rc, rr, 0.1).mean(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), trainer.router_monitor.recording():  # the wrapper returns no aux loss: record it
+        student(**{k: v for k, v in batch.items() if k != "completion_mask"})
+        aux = trainer.router_monitor.aux_loss(batch["attention_mask"])
+    torch.testing.assert_close(loss.detach() - 0.01 * aux, kto_pair_loss(pc, pr, rc, rr, 0.1).mean(),
+                               rtol=1e-5, atol=1e-6)
     start = trainer.evaluate()
     seen.update(student=0, teacher=0)
     trainer.train()
@@ -200,6 +203,33 @@ def test_image_text_pairs_reach_student_and_teacher_and_the_moe_vlm_learns(tmp_p
     end = trainer.evaluate()
     assert end["eval_rewards/margins"] > start["eval_rewards/margins"] + 0.05
     assert "moe_aux_loss" in trainer.state.log_history[0]
+    # the vision tower stays frozen (freeze_vision_tower), the trained student can be copied (no kept router graph)
+    assert not any(p.requires_grad for n, p in student.named_parameters() if "vision_tower" in n)
+    assert trainer.router_monitor.router_logits == []
+    copy.deepcopy(student)
+
+
+def test_which_parameters_train_in_the_preference_stage(tmp_path, tokenizer):
+    processor = tiny_vision_processor(tokenizer)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    vocab = len(processor.tokenizer) + 4
+    upcycle_to_moe(tiny_llava(vocab, 32, seed=1, image_token_id=image_id)).save_pretrained(tmp_path / "student")
+    processor.save_pretrained(tmp_path / "student")
+    teacher = tiny_llava(vocab, 48, seed=2, image_token_id=image_id)
+    data = Dataset.from_list(image_preference_rows(8, 0))
+    for stage in (None, "d2s"):
+        trainer = PreferenceDistillTrainer(model=str(tmp_path / "student"), teacher_model=teacher,
+                                           args=config(tmp_path, moe_stage=stage, max_length=None),
+                                           train_dataset=data, teacher_processing_class=processor.tokenizer)
+        trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+        assert trainable and not any("vision_tower" in n for n in trainable)  # frozen by default, as in mimic
+        if stage is None:  # loaded from a path: the whole language model trains
+            assert any("self_attn" in n for n in trainable)
+        else:  # d2s: FFNs/experts/routers and the projector only
+            assert not any("self_attn" in n or "embed_tokens" in n or "lm_head" in n for n in trainable)
+            assert any("experts" in n for n in trainable) and any("multi_modal_projector" in n for n in trainable)
+    with pytest.raises(ValueError, match="moe_stage must be None or one of"):
+        config(tmp_path, moe_stage="sparse")
 
 
 def test_bad_input_is_refused_clearly(tmp_path, tokenizer):

@@ -84,12 +84,12 @@ def routing_shape(model: nn.Module) -> tuple[int, int]:
 class RouterMonitor:
     """Records the router logits of ``model``'s forward passes while :meth:`recording` is active.
 
-    Usage, per micro-batch::
+    Usage, per micro-batch (the recorded logits are released when the ``with`` block ends)::
 
         with monitor.recording():
             outputs = model(**inputs)
-        aux = monitor.aux_loss(attention_mask)        # scalar, differentiable in the routers
-        monitor.accumulate_load(attention_mask, training=model.training)
+            aux = monitor.aux_loss(attention_mask)        # scalar, differentiable in the routers
+            monitor.accumulate_load(attention_mask, aux, training=model.training)
 
     and, when logging, ``monitor.reduced_metrics(training, accelerator)`` -> ``moe_aux_loss`` and
     ``moe_load_e{i}`` (the share of top-k assignments that expert i received, mean over sparse layers; 1/E each
@@ -123,6 +123,7 @@ class RouterMonitor:
 
             def __exit__(self, *exc):
                 monitor._active = False
+                monitor._logits = []  # release the router logits (and their graph) once the step has used them
                 return False
 
         return _Recording()

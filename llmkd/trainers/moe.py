@@ -83,6 +83,16 @@ def stage_trainable(name: str, stage: str, freeze_vision_tower: bool = True) -> 
     return (bool(_FFN_PARAMETER.search(name)) and not is_vision) or _PROJECTOR in name
 
 
+def freeze_vision_tower(model: nn.Module) -> int:
+    """Freeze a VLM's vision tower (no-op for a text model); returns the number of parameters frozen."""
+    frozen = 0
+    for name, parameter in model.named_parameters():
+        if any(part in name.split(".") for part in _VISION_TOWER):
+            parameter.requires_grad_(False)
+            frozen += parameter.numel()
+    return frozen
+
+
 def freeze_for_stage(model: nn.Module, stage: str, freeze_vision_tower: bool = True) -> tuple[int, int]:
     """Set ``requires_grad`` for ``stage``; returns (trainable, total) parameter counts."""
     if stage not in MOE_STAGES:

@@ -34,6 +34,7 @@ from ..losses.preference import PREFERENCE_LOSSES, preference_loss
 from ..models.routing import monitor_student_routers
 from ..teacher import check_same_tokenizer, freeze
 from .base import DistillTrainer, lora_config_from_args
+from .moe import MOE_STAGES, freeze_for_stage, freeze_vision_tower
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,10 @@ class PreferenceDistillConfig(ModelSourceFields, DPOConfig):
         loss_type: ``["kto_pair"]`` (default, LLaVA-MoD's official choice) or ``["sigmoid"]`` (DPO); one loss.
         beta: the DPO/KTO temperature (0.1).
         aux_loss_coef: weight of an MoE student's load-balancing loss (0.01; 0 turns it off).
+        moe_stage: which parameters train, as in :class:`~llmkd.MoEMimicConfig`: ``None`` (default) keeps the
+            student's own ``requires_grad`` (a model loaded from a path trains whole), ``d2s`` only the FFNs /
+            experts / routers and a VLM's projector, ``d2d`` everything.
+        freeze_vision_tower: keep a VLM student's vision tower frozen (True), whatever ``moe_stage`` says.
     Defaults that differ from DPOConfig: ``learning_rate=2e-6`` (the paper), ``bf16=False`` and
     ``gradient_checkpointing=False`` (set them in GPU recipes), ``logging_steps=10``.
     """
@@ -56,6 +61,10 @@ class PreferenceDistillConfig(ModelSourceFields, DPOConfig):
     loss_type: list[str] = field(default_factory=lambda: ["kto_pair"],
                                  metadata={"help": f"One of {PREFERENCE_LOSSES}."})
     aux_loss_coef: float = field(default=0.01, metadata={"help": "MoE load-balancing loss coefficient."})
+    moe_stage: str | None = field(default=None, metadata={
+        "help": "Which student parameters train: None keeps the student's own requires_grad, d2s the FFNs/experts/"
+                "routers (+ projector), d2d all but the vision tower."})
+    freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep a VLM student's vision tower frozen."})
     learning_rate: float = field(default=2e-6, metadata={"help": "Learning rate (LLaVA-MoD: 2e-6)."})
     bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision (GPU)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Gradient checkpointing."})
@@ -67,6 +76,8 @@ class PreferenceDistillConfig(ModelSourceFields, DPOConfig):
         if len(self.loss_type) != 1 or self.loss_type[0] not in PREFERENCE_LOSSES:
             raise ValueError(f"loss_type must be one of {list(PREFERENCE_LOSSES)} (a single loss), got "
                              f"{self.loss_type}.")
+        if self.moe_stage is not None and self.moe_stage not in MOE_STAGES:
+            raise ValueError(f"moe_stage must be None or one of {MOE_STAGES}, got {self.moe_stage!r}.")
         if self.aux_loss_coef < 0:
             raise ValueError(f"aux_loss_coef must be >= 0, got {self.aux_loss_coef}.")
         if self.ld_alpha is not None or self.use_weighting or self.f_divergence_type != "reverse_kl":
@@ -100,6 +111,7 @@ class PreferenceDistillTrainer(DPOTrainer):
         if not isinstance(args, PreferenceDistillConfig):
             raise TypeError(f"PreferenceDistillTrainer needs a PreferenceDistillConfig, got {type(args).__name__}.")
         model, processing_class = self._load_student(model, args, processing_class)
+        self._select_trainable(model, args)
         teacher, teacher_processing_class = DistillTrainer._teacher(teacher_model, args, teacher_processing_class)
         if teacher is model:
             raise ValueError("The teacher and the student are the same object: the reference must be the teacher.")
@@ -140,6 +152,15 @@ class PreferenceDistillTrainer(DPOTrainer):
         return model, processing_class
 
     @staticmethod
+    def _select_trainable(model, args) -> None:
+        if args.moe_stage is not None:
+            trainable, total = freeze_for_stage(model, args.moe_stage, args.freeze_vision_tower)
+            logger.info("Preference stage trains %d of %d parameters (moe_stage=%s).", trainable, total,
+                        args.moe_stage)
+        elif args.freeze_vision_tower:
+            freeze_vision_tower(model)
+
+    @staticmethod
     def _check_vocab(student, teacher, tokenizer) -> None:
         """The teacher must be able to score every id of the student's tokenizer."""
         teacher_vocab = teacher.config.get_text_config().vocab_size
@@ -166,6 +187,7 @@ class PreferenceDistillTrainer(DPOTrainer):
         recording = self.router_monitor.recording() if self.router_monitor is not None else contextlib.nullcontext()
         with recording:
             outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            aux = self._aux_loss(inputs)
         shift_mask = completion_mask[:, 1:]
         token_logps = outputs.log_probs[:, -shift_mask.shape[1]:]  # (2B, S-1), zero off the responses
         logps = (token_logps * shift_mask).sum(dim=1)  # (2B,)
@@ -177,14 +199,19 @@ class PreferenceDistillTrainer(DPOTrainer):
         loss_type = self.loss_types[0]
         loss = preference_loss(loss_type, policy_chosen, policy_rejected, reference_chosen, reference_rejected,
                                beta=self.beta).mean()
-        if self.router_monitor is not None:
-            mask = inputs.get("attention_mask")
-            aux = self.router_monitor.aux_loss(mask)
-            self.router_monitor.accumulate_load(mask, aux, self.model.training)
-            if self.args.aux_loss_coef:
-                loss = loss + self.args.aux_loss_coef * aux
+        if aux is not None and self.args.aux_loss_coef:
+            loss = loss + self.args.aux_loss_coef * aux
         self._record_metrics(mode, policy_chosen, policy_rejected, reference_chosen, reference_rejected)
         return (loss, outputs) if return_outputs else loss
+
+    def _aux_loss(self, inputs) -> torch.Tensor | None:
+        """The MoE student's load-balancing loss of the forward just recorded (None for a dense student)."""
+        if self.router_monitor is None:
+            return None
+        mask = inputs.get("attention_mask")
+        aux = self.router_monitor.aux_loss(mask)
+        self.router_monitor.accumulate_load(mask, aux, self.model.training)
+        return aux
 
     @torch.no_grad()
     def _record_metrics(self, mode, policy_chosen, policy_rejected, reference_chosen, reference_rejected) -> None:
