@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from datasets import load_from_disk
 from moe_utils import tiny_llava
 from PIL import Image
 from test_preference_trainer import tiny_vision_processor
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 from utils import write_local_run
 
 from llmkd import MoEMimicConfig, MoEMimicTrainer
@@ -46,24 +47,25 @@ def test_upcycle_command_writes_an_equivalent_moe_model(tmp_path):
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
 
 
-def test_tiny_llm_recipes_run_in_order_from_the_repository_root(tmp_path):
-    """recipes/moe/tiny-llm-{d2d,d2s,preference}.yaml as shipped, shortened to a few steps each."""
+@pytest.mark.parametrize("kind", ["llm", "vlm"])
+def test_tiny_recipes_run_in_order_from_the_repository_root(tmp_path, kind):
+    """recipes/moe/tiny-{llm,vlm}-{d2d,d2s,preference}.yaml as shipped, shortened to a few steps each."""
     out = {stage: str(tmp_path / stage) for stage in ("d2d", "d2s", "preference")}
-    common = ["--logging_steps", "1", "--report", "false"]
-    llmkd("train", "--config", "recipes/moe/tiny-llm-d2d.yaml", "--max_steps", "3", "--output_dir", out["d2d"],
-          *common)
-    llmkd("train", "--config", "recipes/moe/tiny-llm-d2s.yaml", "--max_steps", "3", "--output_dir", out["d2s"],
+    common = ["--logging_steps", "1", "--report", "false", "--max_steps", "3"]
+    llmkd("train", "--config", f"recipes/moe/tiny-{kind}-d2d.yaml", "--output_dir", out["d2d"], *common)
+    llmkd("train", "--config", f"recipes/moe/tiny-{kind}-d2s.yaml", "--output_dir", out["d2s"],
           "--model_name_or_path", out["d2d"], *common)
-    result = llmkd("train", "--config", "recipes/moe/tiny-llm-preference.yaml", "--max_steps", "3",
-                   "--output_dir", out["preference"], "--model_name_or_path", out["d2s"], *common)
-    assert type(AutoModelForCausalLM.from_pretrained(out["d2d"])).__name__ == "LlamaForCausalLM"
+    result = llmkd("train", "--config", f"recipes/moe/tiny-{kind}-preference.yaml", "--output_dir", out["preference"],
+                   "--model_name_or_path", out["d2s"], *common)
+    model_class = AutoModelForCausalLM if kind == "llm" else AutoModelForImageTextToText
+    assert not is_moe_model(model_class.from_pretrained(out["d2d"]))
     for stage in ("d2s", "preference"):
-        model = AutoModelForCausalLM.from_pretrained(out[stage])
-        assert type(model).__name__ == "Qwen2MoeForCausalLM" and is_moe_model(model)
+        assert is_moe_model(model_class.from_pretrained(out[stage]))
     assert "rewards/margins" in result.stdout + result.stderr and "moe_load_e0" in result.stdout + result.stderr
-    d2s = AutoModelForCausalLM.from_pretrained(out["d2s"]).state_dict()
-    final = AutoModelForCausalLM.from_pretrained(out["preference"]).state_dict()
-    assert any(not torch.equal(d2s[k], final[k]) for k in final)  # the preference stage trained the student
+    d2s = model_class.from_pretrained(out["d2s"]).state_dict()
+    final = model_class.from_pretrained(out["preference"]).state_dict()
+    changed = {k for k in final if not torch.equal(d2s[k], final[k])}
+    assert changed and not any("vision_tower" in k for k in changed)  # the preference stage trained the student
 
 
 def load_prepare_script():
