@@ -6,6 +6,9 @@ failure to load names the role (student/teacher), what was asked for, and what t
 
 from __future__ import annotations
 
+import glob
+import os
+
 import torch
 from transformers import (
     AutoConfig,
@@ -75,6 +78,24 @@ def _model_class(config, task: str):
     return AutoModelForImageTextToText if is_vision_language_config(config) else AutoModelForCausalLM
 
 
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
+def _refuse_pickle_only_folder(name_or_path: str, role: str) -> None:
+    """A local folder with pickle weights and no safetensors: say so (transformers' own error only names the
+    missing safetensors file). Pickle files can run code when loaded, so llmkd never loads them."""
+    if not os.path.isdir(name_or_path) or glob.glob(os.path.join(name_or_path, "*.safetensors")):
+        return
+    pickles = sorted(os.path.basename(p) for pattern in _PICKLE_PATTERNS
+                     for p in glob.glob(os.path.join(name_or_path, pattern)))
+    if pickles:
+        raise ModelLoadError(
+            f"Could not load the {role} model {name_or_path!r}: it holds pickle weights only ({', '.join(pickles)}), "
+            "and llmkd loads safetensors only (a pickle can run arbitrary code when loaded). Re-save the model "
+            "once, from a source you trust, with model.save_pretrained(path) (safetensors is the default)."
+        )
+
+
 def load_causal_lm(
     name_or_path: str,
     *,
@@ -95,6 +116,7 @@ def load_causal_lm(
         kwargs["device_map"] = device_map or ("cuda" if torch.cuda.is_available() else "cpu")
     elif device_map is not None:
         kwargs["device_map"] = device_map
+    _refuse_pickle_only_folder(name_or_path, role)
     try:
         config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         return _model_class(config, task).from_pretrained(name_or_path, **kwargs)

@@ -183,19 +183,21 @@ class DistillTrainer(Trainer):
         if model is None:
             raise ValueError("No student: pass model=... or set model_name_or_path in the config/recipe.")
         if isinstance(model, str):
-            if processing_class is None:
-                processing_class = load_processing_class(
-                    model, role="student", revision=args.model_revision, trust_remote_code=args.trust_remote_code
-                )
+            name = model
+            # the model first: a wrong path is then reported as the student model's, with the model's fix
             if args.init_student_from_config:
                 model = init_causal_lm_from_config(
-                    model, seed=args.seed, dtype=args.student_dtype, revision=args.model_revision,
+                    name, seed=args.seed, dtype=args.student_dtype, revision=args.model_revision,
                     trust_remote_code=args.trust_remote_code, task=task,
                 )
             else:
                 model = load_causal_lm(
-                    model, role="student", dtype=args.student_dtype, revision=args.model_revision,
+                    name, role="student", dtype=args.student_dtype, revision=args.model_revision,
                     trust_remote_code=args.trust_remote_code, task=task,
+                )
+            if processing_class is None:
+                processing_class = load_processing_class(
+                    name, role="student", revision=args.model_revision, trust_remote_code=args.trust_remote_code
                 )
         if processing_class is None:
             raise ValueError("The student was given as a model object: pass its tokenizer as processing_class=...")
@@ -209,18 +211,19 @@ class DistillTrainer(Trainer):
                 "No teacher: pass teacher_model=... or set teacher_model_name_or_path in the config/recipe."
             )
         if isinstance(teacher, str):
-            if teacher_processing_class is None:
-                teacher_processing_class = tokenizer_of(load_processing_class(
-                    teacher, role="teacher", revision=args.teacher_revision, trust_remote_code=args.trust_remote_code
-                ))
+            name = teacher
             quant = quantization_config(
                 args.teacher_load_in_4bit, args.teacher_load_in_8bit, args.teacher_bnb_4bit_quant_type,
                 compute_dtype=resolve_dtype(args.teacher_dtype) if args.teacher_dtype != "auto" else torch.float32,
             )
             teacher = load_causal_lm(
-                teacher, role="teacher", dtype=args.teacher_dtype, revision=args.teacher_revision,
+                name, role="teacher", dtype=args.teacher_dtype, revision=args.teacher_revision,
                 trust_remote_code=args.trust_remote_code, quantization=quant, task=task,
             )
+            if teacher_processing_class is None:
+                teacher_processing_class = tokenizer_of(load_processing_class(
+                    name, role="teacher", revision=args.teacher_revision, trust_remote_code=args.trust_remote_code
+                ))
         return teacher, teacher_processing_class
 
     def _lora_config(self, args: DistillConfig):
