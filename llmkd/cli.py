@@ -37,9 +37,9 @@ def _train(argv: list[str]) -> int:
     trainer = trainer_class(args=config)
     resume = known.resume_from_checkpoint
     if resume == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
+        from .trainers.guards import last_complete_checkpoint
 
-        resume = get_last_checkpoint(config.output_dir)
+        resume = last_complete_checkpoint(config.output_dir)  # skips a checkpoint whose write did not finish
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
     if trainer.accelerator.is_main_process:

@@ -8,6 +8,7 @@ from transformers import TrainingArguments
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 TASK_CHOICES = ("auto", "causal_lm", "sequence_classification")
+NONFINITE_LOSS_CHOICES = ("stop", "skip")
 
 
 @dataclass
@@ -21,6 +22,10 @@ class RunOutputFields:
     eval_teacher: bool = field(default=True, metadata={"help": "Also evaluate the teacher (retention ratio)."})
     report: bool = field(default=True, metadata={"help": "Write report.html with PNG curves after training."})
     hub_endpoint: str | None = field(default=None, metadata={"help": "Hub server for push_to_hub (default: HF's)."})
+    nonfinite_loss: str = field(
+        default="stop", metadata={"help": "A NaN/inf training loss: 'stop' (error naming the step) or 'skip' (drop "
+                                          "the step's gradients, count it as nonfinite_steps in the logs)."}
+    )
 
     def check_run_outputs(self) -> None:
         """Validate the fields above (called by the configs' ``__post_init__``)."""
@@ -28,6 +33,8 @@ class RunOutputFields:
             raise ValueError("hub_token is not accepted: the Trainer pickles its arguments into every checkpoint "
                              "(training_args.bin), so the token would be saved on disk. Set HF_TOKEN in the "
                              "environment or run `hf auth login` instead.")
+        if self.nonfinite_loss not in NONFINITE_LOSS_CHOICES:
+            raise ValueError(f"nonfinite_loss must be one of {NONFINITE_LOSS_CHOICES}, got {self.nonfinite_loss!r}.")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ValueError(f"eval_limit must be >= 1 (examples per task), got {self.eval_limit}.")
 
@@ -126,6 +133,11 @@ class DistillConfig(ModelSourceFields, TrainingArguments):
         completion_only_loss: when the data has a prompt/completion split (or chat turns), train and distil on
             the completion (assistant) tokens only; False uses every token.
         dataset_num_proc: processes for tokenisation.
+
+    Parameters of robustness:
+        nonfinite_loss: a NaN or infinite training loss ``"stop"``s the run with an error naming the optimizer step
+            (default), or is ``"skip"``ped: the step's gradients are dropped and ``nonfinite_steps`` in the logs
+            counts such steps (:mod:`llmkd.trainers.guards`; every llmkd trainer).
 
     Parameters that control LoRA (when no ``peft_config`` is passed to the trainer):
         use_peft, lora_r, lora_alpha, lora_dropout, lora_target_modules.

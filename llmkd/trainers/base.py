@@ -46,6 +46,7 @@ from ..loading import (
 )
 from ..losses import SparseTeacher, chunked_distillation_loss, get_divergence
 from ..losses.chunked import dense_block_loss, teacher_cross_entropy_sum
+from .guards import TrainingGuardsMixin
 from .cached_teacher import CACHE_ROW, cache_vocab_size, cached_targets, open_teacher_cache, tag_cached_rows
 from ..teacher import (
     aligned_vocab_size,
@@ -62,7 +63,7 @@ IMAGE_FIELDS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attentio
 METRIC_KEYS = ("kd", "ce", "teacher_ce", "block", "tokens")
 
 
-class DistillTrainer(Trainer):
+class DistillTrainer(TrainingGuardsMixin, Trainer):
     """Distil ``teacher_model`` into ``model`` with a divergence of ALGORITHMS.md section 0.
 
     Args:
@@ -399,7 +400,9 @@ class DistillTrainer(Trainer):
             outputs = model(**model_inputs)
         loss = outputs.logits  # the loss, as returned through the head (so ZeRO-3's backward hooks fire)
         result = record.pop("result")
-        if loss.numel() != 1 or not torch.equal(loss.detach().reshape(()), result.loss.detach()):
+        # exact equality, NaN included: a NaN loss is reported by the non-finite check, not as a changed head
+        if loss.numel() != 1 or not torch.allclose(loss.detach().reshape(()), result.loss.detach(), rtol=0.0,
+                                                   atol=0.0, equal_nan=True):
             raise RuntimeError(
                 f"{type(model).__name__} changed the output of its head after the head ran; llmkd's chunked path "
                 "cannot reproduce that. Set use_chunked_loss=False."

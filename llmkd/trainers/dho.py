@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, default_data_collator
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.images import (
     ImageTransform,
@@ -57,6 +56,7 @@ from ..models.dual_head import (
     search_inference_weights,
 )
 from ..teacher import prepare_teacher
+from .guards import TrainingGuardsMixin, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 TEACHER_TYPES = ("auto", "clip", "classifier")  # see llmkd.models.dho_loading.load_dho_teacher
@@ -229,7 +229,7 @@ def _at_least_one(count):
     return max(float(count), 1.0)
 
 
-class DHOTrainer(Trainer):
+class DHOTrainer(TrainingGuardsMixin, Trainer):
     """Train a :class:`~llmkd.DualHeadModel` with DHO (see the module docstring).
 
     Args:
@@ -441,7 +441,7 @@ class DHOTrainer(Trainer):
         """``Trainer.train``; a resumed run starts from the checkpoint's alpha/beta, and with
         ``load_best_model_at_end`` the best checkpoint's alpha/beta come back with its weights."""
         if resume_from_checkpoint:
-            folder = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True \
+            folder = last_complete_checkpoint(self.args.output_dir) if resume_from_checkpoint is True \
                 else resume_from_checkpoint
             if folder:
                 self._restore_inference_weights(folder)

@@ -35,6 +35,7 @@ from ..models.routing import monitor_student_routers
 from ..teacher import check_same_tokenizer, freeze
 from .base import DistillTrainer, lora_config_from_args
 from .moe import MOE_STAGES, freeze_for_stage, freeze_vision_tower
+from .guards import TrainingGuardsMixin
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class PreferenceDistillConfig(ModelSourceFields, DPOConfig):
         self.check_model_sources()
 
 
-class PreferenceDistillTrainer(DPOTrainer):
+class PreferenceDistillTrainer(TrainingGuardsMixin, DPOTrainer):
     """DPO / paired KTO of ``model`` against the frozen ``teacher_model`` as the reference (see the module docstring).
 
     Args:

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import DistillConfig
 from ..losses.taid import TAIDSchedule, TAIDTokenLoss
 from .base import DistillTrainer
+from .guards import last_complete_checkpoint
 
 SCHEDULE_FILE = "taid_schedule.json"
 
@@ -114,7 +114,7 @@ class TAIDTrainer(DistillTrainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+            checkpoint = last_complete_checkpoint(self.args.output_dir)
         if isinstance(checkpoint, str):
             path = os.path.join(checkpoint, SCHEDULE_FILE)
             if not os.path.exists(path):
