@@ -125,21 +125,29 @@ def test_the_cases_cover_every_trainer():
             "DHOTrainer"} <= set(dir(trainers))
 
 
-def test_an_moe_students_experts_come_back_from_a_checkpoint(tmp_path, tokenizer):
+@pytest.mark.parametrize("trainer_name", ["DistillTrainer", "MoEMimicTrainer", "PreferenceDistillTrainer"])
+def test_an_moe_students_experts_come_back_from_a_checkpoint(tmp_path, tokenizer, trainer_name):
     """transformers saves fused experts per expert; Trainer._load_from_checkpoint loaded the file unconverted and
-    left the experts at their initial weights (MoEMimicTrainer now loads them through from_pretrained)."""
+    left the experts at their initial weights (llmkd's trainers now load them through from_pretrained)."""
+    import llmkd
     from datasets import Dataset
+    from test_preference_trainer import preference_rows
     from utils import prompt_completion_rows, tiny_llama
 
-    from llmkd import MoEMimicConfig, MoEMimicTrainer
-
-    args = MoEMimicConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, moe_stage="d2s")
-    trainer = MoEMimicTrainer(model=tiny_llama(len(tokenizer), 32, seed=1),
-                              teacher_model=tiny_llama(len(tokenizer), 48, seed=2), args=args,
-                              train_dataset=Dataset.from_list(prompt_completion_rows(8)), processing_class=tokenizer)
+    student = llmkd.upcycle_to_moe(tiny_llama(len(tokenizer), 32, seed=1), num_experts=4, top_k=2, every=2)
+    common = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    if trainer_name == "PreferenceDistillTrainer":
+        args, rows = llmkd.PreferenceDistillConfig(**common), preference_rows(8, 0)
+    else:
+        args = (llmkd.MoEMimicConfig(**common, moe_stage="d2s") if trainer_name == "MoEMimicTrainer"
+                else llmkd.DistillConfig(**common))
+        rows = prompt_completion_rows(8)
+    trainer = getattr(llmkd, trainer_name)(model=student, teacher_model=tiny_llama(len(tokenizer), 48, seed=2),
+                                           args=args, train_dataset=Dataset.from_list(rows),
+                                           processing_class=tokenizer)
     model = trainer.model
-    fused = [name for name, _ in model.named_parameters() if name.endswith("experts.gate_up_proj")]
-    assert fused, "the upcycled student has fused experts"
+    assert any(name.endswith("experts.gate_up_proj") for name, _ in model.named_parameters())
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter))  # every expert different from its upcycled copy
@@ -151,4 +159,4 @@ def test_an_moe_students_experts_come_back_from_a_checkpoint(tmp_path, tokenizer
     trainer._load_from_checkpoint(str(tmp_path / "checkpoint"))
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, saved[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
-    assert all(p.requires_grad == (".mlp." in n and "shared_expert" not in n) for n, p in model.named_parameters())
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == trainable

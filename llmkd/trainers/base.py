@@ -46,6 +46,7 @@ from ..loading import (
 )
 from ..losses import SparseTeacher, chunked_distillation_loss, get_divergence
 from ..losses.chunked import dense_block_loss, teacher_cross_entropy_sum
+from .checkpoint_weights import reload_converted_checkpoint
 from .guards import TrainingGuardsMixin
 from .cached_teacher import CACHE_ROW, cache_vocab_size, cached_targets, open_teacher_cache, tag_cached_rows
 from ..teacher import (
@@ -460,6 +461,12 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
         for key, value in self._reduced_metrics(training).items():
             logs[prefix + key] = round(value, 6)
         super().log(logs, start_time)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # an MoE student's experts (see the function)
+            reload_converted_checkpoint(unwrap_model(model if model is not None else self.model),
+                                        resume_from_checkpoint)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """llmkd's model card (method, teacher, hyperparameters, evaluation; :mod:`llmkd.hub`) instead of the

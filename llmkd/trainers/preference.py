@@ -36,6 +36,7 @@ from ..teacher import check_same_tokenizer, freeze
 from .base import DistillTrainer, lora_config_from_args
 from .moe import MOE_STAGES, freeze_for_stage, freeze_vision_tower
 from .guards import TrainingGuardsMixin
+from .checkpoint_weights import reload_converted_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +231,12 @@ class PreferenceDistillTrainer(TrainingGuardsMixin, DPOTrainer):
         }
         for key, value in values.items():
             self._metrics[mode][key].append(gather(value.float()).mean().item())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # an MoE student's experts (see the function)
+            reload_converted_checkpoint(unwrap_model(model if model is not None else self.model),
+                                        resume_from_checkpoint)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """llmkd's model card (:mod:`llmkd.hub`) instead of TRL's, so ``push_to_hub()`` and checkpoints carry the
