@@ -50,6 +50,8 @@ class ModelSourceFields(RunOutputFields):
     model_revision: str | None = field(default=None, metadata={"help": "Revision of the student."})
     student_dtype: str = field(default="float32", metadata={"help": f"Student dtype, one of {DTYPES}."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code (off by default)."})
+    allow_pickle_weights: bool = field(default=False, metadata={
+        "help": "Accept pickle (.bin) weights for the student and teacher (off: safetensors only)."})
     # teacher
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "The teacher (name or path)."})
     teacher_revision: str | None = field(default=None, metadata={"help": "Revision of the teacher."})

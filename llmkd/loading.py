@@ -9,6 +9,8 @@ from __future__ import annotations
 import glob
 import os
 
+import logging
+
 import torch
 from transformers import (
     AutoConfig,
@@ -22,6 +24,8 @@ from transformers import (
 )
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(RuntimeError):
@@ -92,7 +96,8 @@ def _refuse_pickle_only_folder(name_or_path: str, role: str) -> None:
         raise ModelLoadError(
             f"Could not load the {role} model {name_or_path!r}: it holds pickle weights only ({', '.join(pickles)}), "
             "and llmkd loads safetensors only (a pickle can run arbitrary code when loaded). Re-save the model "
-            "once, from a source you trust, with model.save_pretrained(path) (safetensors is the default)."
+            "once, from a source you trust, with model.save_pretrained(path) (safetensors is the default), or set "
+            "allow_pickle_weights: true in the recipe if you trust this checkpoint."
         )
 
 
@@ -106,17 +111,23 @@ def load_causal_lm(
     quantization: BitsAndBytesConfig | None = None,
     device_map=None,
     task: str = "causal_lm",
+    allow_pickle: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM (or a LLaVA-style vision-language model; or, with ``task="sequence_classification"``, a
-    sequence classifier) for the given role ("student" or "teacher")."""
+    sequence classifier) for the given role ("student" or "teacher"). Safetensors only, unless ``allow_pickle``
+    (the config field ``allow_pickle_weights``) explicitly accepts pickle weights (.bin) from a trusted source."""
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, dtype=resolve_dtype(dtype),
-                  use_safetensors=True)
+                  use_safetensors=None if allow_pickle else True)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = device_map or ("cuda" if torch.cuda.is_available() else "cpu")
     elif device_map is not None:
         kwargs["device_map"] = device_map
-    _refuse_pickle_only_folder(name_or_path, role)
+    if allow_pickle:
+        logger.warning("allow_pickle_weights is set: the %s %r may be loaded from a pickle file, which can run "
+                       "arbitrary code. Only do this for a checkpoint you trust.", role, name_or_path)
+    else:
+        _refuse_pickle_only_folder(name_or_path, role)
     try:
         config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         return _model_class(config, task).from_pretrained(name_or_path, **kwargs)

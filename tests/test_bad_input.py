@@ -130,6 +130,24 @@ def test_remote_code_is_not_run_unless_the_recipe_allows_it(tmp_path, tokenizer,
                        train_dataset=Dataset.from_list(prompt_completion_rows(8)))
     assert "student" in str(error.value)
     assert not marker.exists(), "the folder's code was executed"
+    # the teacher, its tokenizer and a processor go through the same loaders with the same default
+    with pytest.raises(ModelLoadError, match="trust_remote_code") as error:
+        DistillTrainer(model=copy.deepcopy(models[0]), teacher_model=str(folder), args=_config(tmp_path),
+                       train_dataset=Dataset.from_list(prompt_completion_rows(8)), processing_class=tokenizer)
+    assert "teacher" in str(error.value)
+    assert not marker.exists(), "the folder's code was executed"
+
+
+def test_pickle_weights_load_only_when_the_recipe_allows_them(tmp_path, tokenizer, models, caplog):
+    folder = _pickle_only_folder(tmp_path / "pickled", models[0], tokenizer)
+    assert DistillConfig(output_dir=str(tmp_path)).allow_pickle_weights is False
+    with caplog.at_level("WARNING", logger="llmkd.loading"):
+        trainer = DistillTrainer(model=folder, teacher_model=copy.deepcopy(models[1]),
+                                 args=_config(tmp_path, allow_pickle_weights=True),
+                                 train_dataset=Dataset.from_list(prompt_completion_rows(8)))
+    assert "can run arbitrary code" in caplog.text
+    for name, value in models[0].state_dict().items():  # the pickled weights were loaded, not fresh ones
+        assert torch.equal(trainer.model.state_dict()[name], value), name
 
 
 

@@ -166,7 +166,7 @@ def _load_teacher(config):
                                 config.teacher_bnb_4bit_quant_type, compute_dtype=compute_dtype)
     return load_causal_lm(config.teacher_model_name_or_path, role="teacher", dtype=config.teacher_dtype,
                           revision=config.teacher_revision, trust_remote_code=config.trust_remote_code,
-                          quantization=quant)
+                          quantization=quant, allow_pickle=config.allow_pickle_weights)
 
 
 def _fill_deepspeed_batch_sizes(accelerator, batch_size: int) -> None:

@@ -195,7 +195,7 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
             else:
                 model = load_causal_lm(
                     name, role="student", dtype=args.student_dtype, revision=args.model_revision,
-                    trust_remote_code=args.trust_remote_code, task=task,
+                    trust_remote_code=args.trust_remote_code, task=task, allow_pickle=args.allow_pickle_weights,
                 )
             if processing_class is None:
                 processing_class = load_processing_class(
@@ -221,6 +221,7 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
             teacher = load_causal_lm(
                 name, role="teacher", dtype=args.teacher_dtype, revision=args.teacher_revision,
                 trust_remote_code=args.trust_remote_code, quantization=quant, task=task,
+                allow_pickle=args.allow_pickle_weights,
             )
             if teacher_processing_class is None:
                 teacher_processing_class = tokenizer_of(load_processing_class(

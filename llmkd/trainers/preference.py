@@ -147,6 +147,7 @@ class PreferenceDistillTrainer(TrainingGuardsMixin, DPOTrainer):
                 processing_class = load_processing_class(model, role="student", revision=args.model_revision,
                                                          trust_remote_code=args.trust_remote_code)
             model = load_causal_lm(model, role="student", dtype=args.student_dtype, revision=args.model_revision,
+                                   allow_pickle=args.allow_pickle_weights,
                                    trust_remote_code=args.trust_remote_code)
         if processing_class is None:
             raise ValueError("The student was given as a model object: pass its tokenizer/processor as "
