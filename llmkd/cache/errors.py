@@ -11,3 +11,7 @@ class CacheMismatchError(CacheError, ValueError):
 
 class CacheCorruptError(CacheError, OSError):
     """A cache file is missing, truncated, or fails its checksum."""
+
+
+class CacheWriteError(CacheError, OSError):
+    """A cache file could not be written (e.g. the disk is full); the files already written stay valid."""

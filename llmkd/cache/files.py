@@ -11,7 +11,8 @@ A cache folder holds::
 Every file is written to a hidden temporary name in the same folder, flushed and fsync'ed, then renamed over its
 final name (``os.replace`` is atomic on POSIX filesystems), and the folder is fsync'ed so the rename survives a
 power cut. A SIGKILL therefore leaves either no file or a complete one, plus possibly a stale temporary file
-that the next run deletes.
+that the next run deletes. A write that fails (a full disk) removes its temporary file and raises
+:class:`~llmkd.cache.errors.CacheWriteError`; the files already written stay valid and a rerun resumes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import CacheCorruptError
+from .errors import CacheCorruptError, CacheWriteError
 
 FORMAT = "llmkd-teacher-cache"
 FORMAT_VERSION = 1
@@ -56,10 +57,21 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` is either absent or complete, whenever the process dies."""
     path = Path(path)
     temporary = temporary_path(path)
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:  # e.g. ENOSPC: the final name was never touched; drop the partial temporary
+        try:
+            temporary.unlink()
+        except OSError:
+            pass
+        raise CacheWriteError(
+            f"Could not write {path.name} in {path.parent}: {error.strerror or error}. The files already written "
+            "are complete and kept; free some space (or fix the folder) and rerun the same command: it resumes "
+            "where it stopped."
+        ) from error
     commit(temporary, path)
 
 
