@@ -72,9 +72,10 @@ def build(method: str, tag: str, batch: int, accumulation: int, snapshot):
     student = tiny_llama(len(tokenizer), hidden=32, layers=2, seed=1)
     if method == "taid":
         teacher = tiny_llama(len(tokenizer) + 7, hidden=48, layers=2, seed=2)  # a 7-row larger head, as zero_worker
-        # a large alpha and a small beta so that the schedule's update at step 2 moves t visibly
+        # a large alpha and a small beta: the adaptive update at step 2 (from the step's synchronised loss) takes t
+        # above the linear floor (0.8 at step 2 of 3), so step 3's loss depends on it
         args = TAIDConfig(**common(tag, batch, accumulation, steps, 1.0), loss_chunk_size=7, t_start=0.4,
-                          alpha=0.5, beta=0.5, kd_ratio=0.8)
+                          alpha=1.5, beta=0.5, kd_ratio=0.8)
         trainer = RecordingTAIDTrainer(model=student, teacher_model=teacher, args=args,
                                        train_dataset=Dataset.from_list(rows()), processing_class=tokenizer,
                                        callbacks=[snapshot])
