@@ -1,5 +1,6 @@
 """Per-process script of tests/test_invariance.py: TAIDTrainer, DHOTrainer, PreferenceDistillTrainer (sigmoid and
-kto_pair) and MoEMimicTrainer (aux_loss_coef=0) trained in several batch layouts, each run's facts written as files.
+kto_pair) and MoEMimicTrainer (aux_loss_coef 0, and 0.5 as ``moe_mimic_aux``) trained in several batch layouts,
+each run's facts written as files.
 
     python tests/distributed/invariance_worker.py --mode single --methods taid,dho --runs 8x1,4x2
     (or through distributed.launcher.launch, 2 processes, --mode ddp --runs 4x1)
@@ -41,7 +42,7 @@ from llmkd import (  # noqa: E402
     upcycle_to_moe,
 )
 
-METHODS = ("taid", "dho", "preference_sigmoid", "preference_kto_pair", "moe_mimic")
+METHODS = ("taid", "dho", "preference_sigmoid", "preference_kto_pair", "moe_mimic", "moe_mimic_aux")
 STEPS = {"taid": 3}  # TAID: t moves after step 2 (step 1 only records the loss), so step 3 uses the synced t
 
 
@@ -81,11 +82,12 @@ def build(method: str, tag: str, batch: int, accumulation: int, snapshot):
                                        callbacks=[snapshot])
         trainer.micro = []
         return trainer, lambda t: dict(t.schedule.state_dict())
-    if method == "moe_mimic":
+    if method in ("moe_mimic", "moe_mimic_aux"):
         teacher = tiny_llama(len(tokenizer) + 7, hidden=48, layers=2, seed=2)
         student = upcycle_to_moe(student, num_experts=4, top_k=2, every=1, seed=3)
+        # moe_mimic: no load-balancing loss (it is per micro-batch by design); moe_mimic_aux: a large one
         args = MoEMimicConfig(**common(tag, batch, accumulation, steps, 5.0), loss_chunk_size=7, moe_stage="d2s",
-                              aux_loss_coef=0.0)
+                              aux_loss_coef=0.5 if method == "moe_mimic_aux" else 0.0)
         trainer = RecordingMoEMimicTrainer(model=student, teacher_model=teacher, args=args,
                                            train_dataset=Dataset.from_list(rows()), processing_class=tokenizer,
                                            callbacks=[snapshot])
