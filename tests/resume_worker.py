@@ -106,21 +106,14 @@ def build(case: str, output_dir: str):
 
 def build_dho(args: dict):
     from test_dho_support import (
-        CLASS_NAMES,
-        TEMPLATES,
         clip_processor,
         image_dataset,
         student_processor,
-        tiny_clip,
         tiny_student,
-        word_tokenizer,
+        zero_shot_teacher,
     )
 
-    from llmkd.models.clip_teacher import CLIPZeroShotClassifier
-
-    clip_tokenizer = word_tokenizer()
-    teacher = CLIPZeroShotClassifier.from_model(tiny_clip(clip_tokenizer, seed=5), clip_tokenizer, CLASS_NAMES,
-                                                TEMPLATES)
+    teacher = zero_shot_teacher()
     # 8 labeled + 24 unlabeled rows: 24 paired items; alpha/beta are searched at the evaluations of steps 4 and 8
     config = DHOConfig(**args, labeled="25%", learning_rate=1e-2, per_device_eval_batch_size=8,
                        eval_strategy="steps", eval_steps=SAVE_STEPS)

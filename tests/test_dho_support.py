@@ -48,6 +48,14 @@ def tiny_clip(tokenizer, seed: int = 0) -> CLIPModel:
     return CLIPModel(config).eval()
 
 
+def zero_shot_teacher(seed: int = 5):
+    """The tiny CLIP as a zero-shot classifier over CLASS_NAMES with TEMPLATES (the DHO tests' teacher)."""
+    from llmkd.models.clip_teacher import CLIPZeroShotClassifier
+
+    tokenizer = word_tokenizer()
+    return CLIPZeroShotClassifier.from_model(tiny_clip(tokenizer, seed=seed), tokenizer, CLASS_NAMES, TEMPLATES)
+
+
 def clip_processor() -> CLIPImageProcessor:
     return CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
 

@@ -13,20 +13,17 @@ import pytest
 import torch
 from test_dho_support import (
     CLASS_NAMES,
-    TEMPLATES,
     clip_processor,
     image_dataset,
     student_processor,
-    tiny_clip,
     tiny_student,
     tiny_vit_config,
-    word_tokenizer,
+    zero_shot_teacher,
 )
 from transformers import AutoModelForImageClassification
 
 import llmkd.trainers.dho as dho_module
 from llmkd import DHOConfig, DHOTrainer, DualHeadModel
-from llmkd.models.clip_teacher import CLIPZeroShotClassifier
 from llmkd.models.dual_head import InferenceWeights, combine_head_predictions
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -35,8 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def teacher():
-    tokenizer = word_tokenizer()
-    return CLIPZeroShotClassifier.from_model(tiny_clip(tokenizer, seed=5), tokenizer, CLASS_NAMES, TEMPLATES)
+    return zero_shot_teacher()
 
 
 @pytest.fixture(scope="module")

@@ -112,22 +112,15 @@ def build(method: str, tag: str, batch: int, accumulation: int, snapshot):
 
 def build_dho(args: dict, snapshot):
     from test_dho_support import (
-        CLASS_NAMES,
-        TEMPLATES,
         clip_processor,
         image_dataset,
         student_processor,
-        tiny_clip,
         tiny_student,
         tiny_vit_config,
-        word_tokenizer,
+        zero_shot_teacher,
     )
 
-    from llmkd.models.clip_teacher import CLIPZeroShotClassifier
-
-    clip_tokenizer = word_tokenizer()
-    teacher = CLIPZeroShotClassifier.from_model(tiny_clip(clip_tokenizer, seed=5), clip_tokenizer, CLASS_NAMES,
-                                                TEMPLATES)
+    teacher = zero_shot_teacher()
     # a ViT student: LayerNorm only, no BatchNorm statistic couples the examples of a micro-batch (a ResNet
     # student's BatchNorm makes DHO depend on the micro-batch by design, as in the official code)
     config = DHOConfig(**args, labeled="25%", eval_strategy="no", search_inference_weights=False)
