@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .fused import ChunkWorkspace, FusedKL, fused_kl_ce_chunk
 from .sparse_teacher import SparseTeacher
 
 TokenLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -143,13 +144,29 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
 
         # total, kd, ce, teacher ce, block loss
         totals = torch.zeros(5, dtype=torch.float32, device=student_hidden.device)
+        fused = _fused_spec(token_loss, teacher_hidden, s_post)
+        workspace = None
+        if fused is not None:
+            workspace = ChunkWorkspace(max(end - start for start, end in bounds) if bounds else 0, vocab_size,
+                                       student_hidden.device)
+        head = (weight_leaf, bias_leaf)
         for start, end in bounds:
             chunk_labels = None if labels is None else labels[start:end]
+            hidden_chunk = student_hidden[start:end].detach()
+            if fused is not None:
+                grad_logits, sums = _fused_chunk(
+                    hidden_chunk, head, (teacher_hidden, teacher_weight, teacher_bias, t_post), vocab_size,
+                    chunk_labels, fused, (kd_weight, ce_weight, block_loss, block_weight), workspace, start, end,
+                )
+                totals += sums
+                _accumulate_head_grads(grad_logits, hidden_chunk, head, vocab_size, start, end,
+                                       (grad_hidden, grad_weight, grad_bias))
+                continue
             with torch.no_grad():
                 teacher_logits = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, t_post, vocab_size,
                                                 start, end)
                 totals[3] += teacher_cross_entropy_sum(teacher_logits, chunk_labels)
-            hidden_leaf = student_hidden[start:end].detach().requires_grad_(need_hidden_grad)
+            hidden_leaf = hidden_chunk.requires_grad_(need_hidden_grad)
             with torch.enable_grad():
                 student_logits = project(hidden_leaf, weight_leaf, bias_leaf, s_post, vocab_size)
                 total, kd_sum, ce_sum, block_sum = _chunk_terms(
@@ -191,6 +208,75 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
         out_weight = (grad_weight * scale).to(ctx.dtypes[0]) if need_weight else None
         out_bias = (grad_bias * scale).to(ctx.dtypes[1]) if need_bias else None
         return out_hidden, out_weight, out_bias, None, None, None, None, None
+
+
+def _fused_spec(token_loss, teacher, student_transform) -> FusedKL | None:
+    """The fast path's description of the token loss (:mod:`.fused`), or None where autograd must run: token losses
+    that are not a forward KL to a target, a cached (sparse) teacher, a student logit post-processing."""
+    describe = getattr(token_loss, "fused_kl", None)
+    if describe is None or isinstance(teacher, SparseTeacher) or not student_transform.is_identity:
+        return None
+    return describe()
+
+
+def _project_into(hidden, weight, bias, vocab_size, out):
+    """``hidden @ weight[:vocab_size].T (+ bias)`` in float32, written into ``out`` when the head is float32 (no
+    allocation), else computed in the head's dtype and cast."""
+    weight = weight[:vocab_size]
+    bias = None if bias is None else bias[:vocab_size]
+    if weight.dtype == torch.float32 and hidden.dtype == torch.float32:
+        if bias is None:
+            return torch.matmul(hidden, weight.t(), out=out)
+        return torch.addmm(bias, hidden, weight.t(), out=out)
+    return F.linear(hidden, weight, bias).float()
+
+
+def _fused_chunk(hidden, head, teacher_head, vocab_size, labels, spec, weights, workspace, start, end):
+    """One chunk on the fast path: returns the gradient with respect to the student's logits ``(n, V)`` and the
+    chunk's sums ``(total, kd, ce, teacher ce, block)`` as a float32 ``(5,)`` tensor."""
+    kd_weight, ce_weight, block_loss, block_weight = weights
+    teacher, teacher_weight, teacher_bias, teacher_transform = teacher_head
+    rows = end - start
+    with torch.no_grad():
+        student_logits = _project_into(hidden, head[0].detach(), None if head[1] is None else head[1].detach(),
+                                       vocab_size, workspace.get("student_logits", rows))
+        teacher_logits = _project_into(teacher[start:end], teacher_weight, teacher_bias, vocab_size,
+                                       workspace.get("teacher_logits", rows))
+        teacher_logits = teacher_transform(teacher_logits)
+    block_sum = block_grad = None
+    if block_loss is not None:  # the block loss reads the teacher's logits before the fast path overwrites them
+        logits_leaf = student_logits.detach().requires_grad_(True)
+        with torch.enable_grad():
+            block_sum = block_loss(logits_leaf, teacher_logits)
+            if block_weight != 0.0:
+                block_grad = torch.autograd.grad(block_sum * block_weight, logits_leaf)[0]
+        block_sum = block_sum.detach()
+    with torch.no_grad():
+        kd_sum, ce_sum, teacher_ce_sum, grad = fused_kl_ce_chunk(
+            student_logits, teacher_logits.float(), labels, spec, kd_weight, ce_weight, workspace)
+        if block_grad is not None:
+            grad.add_(block_grad)
+        block_sum = kd_sum.new_zeros(()) if block_sum is None else block_sum
+        total = kd_weight * kd_sum + ce_weight * ce_sum + block_weight * block_sum
+        return grad, torch.stack([total, kd_sum, ce_sum, teacher_ce_sum, block_sum]).float()
+
+
+def _accumulate_head_grads(grad_logits, hidden, head, vocab_size, start, end, grads):
+    """Chain the logits' gradient ``(n, V)`` through the head: ``grad_hidden[start:end] = G W``,
+    ``grad_weight[:V] += G^T h``, ``grad_bias[:V] += sum_n G`` (each only where wanted)."""
+    grad_hidden, grad_weight, grad_bias = grads
+    weight = head[0].detach()[:vocab_size]
+    with torch.no_grad():
+        grad_in_dtype = grad_logits if weight.dtype == torch.float32 else grad_logits.to(weight.dtype)
+        if grad_hidden is not None:
+            if grad_hidden.dtype == grad_in_dtype.dtype:
+                torch.matmul(grad_in_dtype, weight, out=grad_hidden[start:end])
+            else:
+                grad_hidden[start:end] = grad_in_dtype @ weight
+        if grad_weight is not None:
+            grad_weight[:vocab_size].addmm_(grad_logits.t(), hidden.to(grad_weight.dtype))
+        if grad_bias is not None:
+            grad_bias[:vocab_size] += grad_logits.sum(0)
 
 
 def _clamped(normalizer, device):

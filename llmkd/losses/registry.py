@@ -22,6 +22,7 @@ from .divergences import (
     softened_log_probs,
     tvd_per_token,
 )
+from .fused import FusedKL
 from .sparse_teacher import SparseTeacher
 
 # name -> (kernel on (log_q, log_p), names of the kernel's own hyperparameters)
@@ -68,6 +69,13 @@ class Divergence:
             log_p = softened_log_probs(teacher_logits, self.temperature)
         losses = kernel(log_q, log_p, **self.params)
         return losses * (self.temperature**2) if self.scale_by_t2 else losses
+
+    def fused_kl(self) -> FusedKL | None:
+        """Forward KL is ``T^2 KL(softmax(z_t / T) || softmax(z_s / T))``: the chunked engine computes it (and its
+        gradient) in closed form (:mod:`.fused`). The other divergences return None and run through autograd."""
+        if self.name != "fkl":
+            return None
+        return FusedKL(temperature=self.temperature, factor=self.temperature**2 if self.scale_by_t2 else 1.0)
 
 
 def get_divergence(name: str, *, temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,

@@ -21,6 +21,7 @@ import torch
 
 from .divergences import kl_per_token
 from .reduction import reduce_token_losses
+from .fused import FusedKL
 from .sparse_teacher import as_dense_logits
 
 
@@ -80,6 +81,11 @@ class TAIDTokenLoss:
     def __call__(self, student_logits: torch.Tensor, teacher_logits) -> torch.Tensor:
         # a cached top-k teacher enters the interpolation densified (tail shaped like the student's; .sparse_teacher)
         return taid_per_token(student_logits, as_dense_logits(teacher_logits, student_logits), self.t)
+
+    def fused_kl(self) -> FusedKL:
+        """KL(p_t || q) with ``p_t = softmax(t z_t + (1 - t) stopgrad(z_s))``: a forward KL to a constant target, which
+        the chunked engine computes in closed form (:mod:`.fused`)."""
+        return FusedKL(temperature=1.0, factor=1.0, teacher_share=self.t)
 
 
 @dataclass
