@@ -124,7 +124,9 @@ class DistillConfig(ModelSourceFields, TrainingArguments):
         kd_ratio: loss = ``(1 - kd_ratio) * CE + kd_ratio * divergence``, both token means over the global batch.
         use_chunked_loss: compute the loss with the chunked engine (never materialises token x vocab logits).
             False uses the models' own full logits (the dense reference path).
-        loss_chunk_size: tokens per chunk in the chunked engine.
+        loss_chunk_size: tokens per chunk in the chunked engine; None (default) chooses it from the vocabulary:
+            the power of two nearest to 2^25 logits per chunk (512 tokens at vocab 64k, 256 at 152k), which measured
+            as fast as larger chunks and keeps each chunk buffer near 128 MB (BENCHMARKS.md).
         verify_logit_head: check once before training that the chunked path reproduces each model's logits
             (including its logit post-processing) and refuse the model if not.
 
@@ -173,7 +175,8 @@ class DistillConfig(ModelSourceFields, TrainingArguments):
     skew_alpha: float = field(default=0.1, metadata={"help": "Skew KL coefficient."})
     kd_ratio: float = field(default=0.5, metadata={"help": "Weight of the divergence; CE gets 1 - kd_ratio."})
     use_chunked_loss: bool = field(default=True, metadata={"help": "Use the chunked engine (default)."})
-    loss_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk in the chunked engine."})
+    loss_chunk_size: int | None = field(
+        default=None, metadata={"help": "Tokens per chunk in the chunked engine (default: from the vocabulary)."})
     verify_logit_head: bool = field(default=True, metadata={"help": "Verify the chunked path reproduces logits."})
     # data
     max_length: int | None = field(default=1024, metadata={"help": "Truncate sequences to this many tokens."})
@@ -196,5 +199,5 @@ class DistillConfig(ModelSourceFields, TrainingArguments):
             raise ValueError("cache_top_k and cache_shard_rows must be >= 1.")
         if self.cache_temperature <= 0:
             raise ValueError(f"cache_temperature must be > 0, got {self.cache_temperature}.")
-        if self.loss_chunk_size < 1:
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}.")

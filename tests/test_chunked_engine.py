@@ -539,3 +539,24 @@ def test_bad_chunk_size(chunk_size):
         chunked_distillation_loss(prob["student_hidden"], prob["student_weight"], prob["teacher_hidden"],
                                   prob["teacher_weight"], prob["labels"], get_divergence("fkl"),
                                   chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("vocab, rows", [(64000, 512), (151936, 128 * 2), (152064, 128 * 2), (32000, 1024),
+                                         (97, 4096), (2**25, 16)])
+def test_auto_chunk_size(vocab, rows):
+    from llmkd.losses.chunked import CHUNK_LOGITS_BUDGET, auto_chunk_size
+
+    assert auto_chunk_size(vocab) == rows
+    if 16 < rows < 4096:  # the nearest power of two to the budget, in log scale
+        assert CHUNK_LOGITS_BUDGET / math.sqrt(2) <= rows * vocab <= CHUNK_LOGITS_BUDGET * math.sqrt(2)
+
+
+def test_default_chunk_size_gives_the_same_loss():
+    prob = make_problem(seed=22)
+    out_auto, grads_auto = run_engine(chunked_distillation_loss, prob, get_divergence("fkl"), ce_weight=0.5)
+    grads_auto = [g.clone() for g in grads_auto]
+    out_one, grads_one = run_engine(chunked_distillation_loss, prob, get_divergence("fkl"), ce_weight=0.5,
+                                    chunk_size=1)
+    rel_close(out_auto.loss.detach(), out_one.loss.detach())
+    for got, expected in zip(grads_auto, grads_one):
+        rel_close(got, expected, atol_scale=2e-6)

@@ -31,13 +31,15 @@ def autograd_only(token_loss):
 def fused_calls(monkeypatch):
     """Counts the chunks the closed-form path computes."""
     calls = []
-    real = chunked.fused_kl_ce_chunk
 
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape[0])
-        return real(*args, **kwargs)
+    def spy_on(real):
+        def spy(*args, **kwargs):
+            calls.append(args[0].shape[0])
+            return real(*args, **kwargs)
+        return spy
 
-    monkeypatch.setattr(chunked, "fused_kl_ce_chunk", spy)
+    for name in ("fused_kl_ce_chunk", "fused_sparse_kl_ce_chunk"):
+        monkeypatch.setattr(chunked, name, spy_on(getattr(chunked, name)))
     return calls
 
 
@@ -200,3 +202,59 @@ def test_chunks_reuse_their_buffers():
         counts[math.ceil(64 / chunk_size)] = mode.count
     assert counts[2] > 0
     assert counts[2] == counts[8] == counts[16], counts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A cached top-k teacher (SparseTeacher)
+# ----------------------------------------------------------------------------------------------------------------
+def sparse_teacher(prob, k, temperature, quantize=False):
+    """The top-k teacher of the problem's teacher logits at ``temperature`` (as the cache writes it)."""
+    from llmkd.losses import SparseTeacher
+
+    zt = prob["teacher_hidden"] @ prob["teacher_weight"].T + prob["teacher_bias"]
+    log_p = torch.log_softmax(zt / temperature, dim=-1)
+    top, ids = log_p.topk(k, dim=-1)
+    tail = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7)) if k < V else torch.full((len(zt),), float("-inf"))
+    if quantize:  # an 8-bit-like cache: values off by a little, mass no longer exactly 1
+        top = (top * 16).round() / 16
+    return SparseTeacher(ids, top, tail, V, temperature)
+
+
+def run_cached(prob, teacher, token_loss, **kw):
+    for key in ("student_hidden", "student_weight", "student_bias"):
+        prob[key].grad = None
+    out = chunked_distillation_loss(prob["student_hidden"], prob["student_weight"], teacher, None, prob["labels"],
+                                    token_loss, student_bias=prob["student_bias"], **kw)
+    out.loss.backward()
+    return out, [prob[k].grad.clone() for k in ("student_hidden", "student_weight", "student_bias")]
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("k", [5, V])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.5, 0.5), (0.7, 1.3)])
+def test_cached_teacher_fused_path_equals_autograd_path(weights, temperature, k, quantize, fused_calls):
+    prob = make_problem(seed=11, ignore_frac=0.3)
+    teacher = sparse_teacher(prob, k, temperature, quantize)
+    kd = get_divergence("fkl", temperature=temperature)
+    kd_weight, ce_weight = weights
+    fused = run_cached(prob, teacher, kd, kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=10)
+    assert len(fused_calls) == 4
+    plain = run_cached(prob, teacher, autograd_only(kd), kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=10)
+    assert len(fused_calls) == 4
+    assert_same(fused, plain)
+
+
+def test_cached_teacher_value_is_the_top_k_plus_tail_bucket_formula():
+    prob = make_problem(seed=12)
+    teacher = sparse_teacher(prob, 6, 2.0)
+    out, _ = run_cached(prob, teacher, get_divergence("fkl", temperature=2.0), kd_weight=1.0, chunk_size=8)
+    zs = prob["student_hidden"] @ prob["student_weight"].T + prob["student_bias"]
+    expected = 4.0 * teacher.forward_kl(zs.detach(), 2.0).sum()  # T^2 * the explicit bucket formula
+    rel_close(out.kd_sum, expected, rtol=1e-5)
+
+
+def test_taid_with_a_cached_teacher_takes_the_autograd_path(fused_calls):
+    prob = make_problem(seed=13)
+    run_cached(prob, sparse_teacher(prob, 6, 1.0), TAIDTokenLoss(0.5), chunk_size=8)
+    assert fused_calls == []

@@ -21,6 +21,7 @@ a block is never split, and its gradient is computed in forward like the token t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Callable
@@ -28,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .fused import ChunkWorkspace, FusedKL, fused_kl_ce_chunk
+from .fused import ChunkWorkspace, FusedKL, fused_kl_ce_chunk, fused_sparse_kl_ce_chunk
 from .sparse_teacher import SparseTeacher
 
 TokenLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -212,11 +213,14 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
 
 def _fused_spec(token_loss, teacher, student_transform) -> FusedKL | None:
     """The fast path's description of the token loss (:mod:`.fused`), or None where autograd must run: token losses
-    that are not a forward KL to a target, a cached (sparse) teacher, a student logit post-processing."""
+    that are not a forward KL to a target, TAID with a cached (sparse) teacher, a student logit post-processing."""
     describe = getattr(token_loss, "fused_kl", None)
-    if describe is None or isinstance(teacher, SparseTeacher) or not student_transform.is_identity:
+    if describe is None or not student_transform.is_identity:
         return None
-    return describe()
+    spec = describe()
+    if spec is not None and isinstance(teacher, SparseTeacher) and spec.teacher_share != 1.0:
+        return None  # TAID's interpolation with a cached teacher: autograd on the densified teacher
+    return spec
 
 
 def _project_into(hidden, weight, bias, vocab_size, out):
@@ -240,9 +244,12 @@ def _fused_chunk(hidden, head, teacher_head, vocab_size, labels, spec, weights, 
     with torch.no_grad():
         student_logits = _project_into(hidden, head[0].detach(), None if head[1] is None else head[1].detach(),
                                        vocab_size, workspace.get("student_logits", rows))
-        teacher_logits = _project_into(teacher[start:end], teacher_weight, teacher_bias, vocab_size,
-                                       workspace.get("teacher_logits", rows))
-        teacher_logits = teacher_transform(teacher_logits)
+        if isinstance(teacher, SparseTeacher):
+            teacher_logits = teacher[start:end]
+        else:
+            teacher_logits = _project_into(teacher[start:end], teacher_weight, teacher_bias, vocab_size,
+                                           workspace.get("teacher_logits", rows))
+            teacher_logits = teacher_transform(teacher_logits).float()
     block_sum = block_grad = None
     if block_loss is not None:  # the block loss reads the teacher's logits before the fast path overwrites them
         logits_leaf = student_logits.detach().requires_grad_(True)
@@ -252,8 +259,9 @@ def _fused_chunk(hidden, head, teacher_head, vocab_size, labels, spec, weights, 
                 block_grad = torch.autograd.grad(block_sum * block_weight, logits_leaf)[0]
         block_sum = block_sum.detach()
     with torch.no_grad():
-        kd_sum, ce_sum, teacher_ce_sum, grad = fused_kl_ce_chunk(
-            student_logits, teacher_logits.float(), labels, spec, kd_weight, ce_weight, workspace)
+        kernel = fused_sparse_kl_ce_chunk if isinstance(teacher_logits, SparseTeacher) else fused_kl_ce_chunk
+        kd_sum, ce_sum, teacher_ce_sum, grad = kernel(student_logits, teacher_logits, labels, spec, kd_weight,
+                                                      ce_weight, workspace)
         if block_grad is not None:
             grad.add_(block_grad)
         block_sum = kd_sum.new_zeros(()) if block_sum is None else block_sum
@@ -292,6 +300,17 @@ def _default_vocab_size(vocab_size, student_weight, teacher, teacher_weight) -> 
     if isinstance(teacher, SparseTeacher):
         return teacher.vocab_size
     return min(student_weight.shape[0], teacher_weight.shape[0])
+
+
+CHUNK_LOGITS_BUDGET = 2**25  # logits per chunk of the automatic chunk size: 128 MB per float32 chunk buffer
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """The default tokens per chunk: the power of two nearest to ``CHUNK_LOGITS_BUDGET / V`` (in log scale),
+    between 16 and 4096 (512 tokens at vocab 64k, 256 at 152k, 1024 at 32k). Chunks from 128 to 1024 tokens measured
+    equally fast on CPU (BENCHMARKS.md); this keeps each of the engine's chunk buffers near 128 MB."""
+    rows = CHUNK_LOGITS_BUDGET / max(int(vocab_size), 1)
+    return int(min(max(2 ** round(math.log2(rows)), 16), 4096))
 
 
 def _chunk_ranges(n_tokens: int, chunk_size: int | None, chunk_bounds) -> list[tuple[int, int]]:
@@ -354,7 +373,7 @@ def chunked_distillation_loss(
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
     normalizer: float | torch.Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     student_transform: LogitTransform = IDENTITY,
@@ -378,7 +397,8 @@ def chunked_distillation_loss(
             :class:`~llmkd.losses.registry.Divergence`.
         kd_weight / ce_weight: weights of the token loss and the student's CE.
         normalizer: the divisor (the global valid-token count of the step); defaults to N.
-        chunk_size: tokens per chunk; peak extra memory is about ``chunk_size * V * 4 bytes * 4``.
+        chunk_size: tokens per chunk (None: :func:`auto_chunk_size` of the vocabulary); the extra memory is about
+            ``chunk_size * V * 4 bytes`` times 4 (forward KL, TAID: 5 at a temperature other than 1) buffers.
         vocab_size: the aligned vocabulary (both heads are cut to their first ``vocab_size`` rows); defaults to
             ``min(V_s, V_t)``.
         block_loss: ``(student_logits (n, V), teacher_logits (n, V)) -> scalar`` over the n tokens of one chunk
@@ -391,6 +411,8 @@ def chunked_distillation_loss(
     vocab_size = _default_vocab_size(vocab_size, student_weight, teacher_hidden, teacher_weight)
     _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, vocab_size)
     n_tokens = student_hidden.shape[0]
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(vocab_size)
     bounds = _chunk_ranges(n_tokens, chunk_size, chunk_bounds)
     if normalizer is None:
         normalizer = max(n_tokens, 1)

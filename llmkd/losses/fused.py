@@ -60,17 +60,20 @@ class ChunkWorkspace:
         return buffer[:rows]
 
 
-def softmax_into(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def softmax_into(logits: torch.Tensor, out: torch.Tensor, logits_max: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(logits, -1)`` written into ``out`` (one fused row-wise kernel); returns the ``(n,)`` log-normaliser
-    ``logsumexp(logits, -1)``."""
+    ``logsumexp(logits, -1) = max(logits) - log max(softmax)`` (``logits_max``: the row maxima, if known)."""
     torch.ops.aten._softmax.out(logits, -1, False, out=out)
-    top_prob, top_index = out.max(dim=-1, keepdim=True)
-    return (logits.gather(-1, top_index) - top_prob.log()).squeeze(-1)
+    if logits_max is None:
+        logits_max = logits.amax(dim=-1)
+    return logits_max.reshape(-1) - out.amax(dim=-1).log()
 
 
-def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum(-1)`` for ``(n, V)`` tensors without an ``(n, V)`` temporary: ``(n,)``."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def row_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(-1)`` for ``(n, V)`` tensors, the product written into ``scratch`` (which may be ``a`` or ``b``):
+    ``(n,)``. (A batched ``bmm`` of n dot products measured 2.5x slower on CPU; a fresh product tensor pays its page
+    faults.)"""
+    return torch.mul(a, b, out=scratch).sum(-1)
 
 
 def fused_kl_ce_chunk(
@@ -114,18 +117,19 @@ def fused_kl_ce_chunk(
         target.mul_(spec.teacher_share).add_(student_logits, alpha=1.0 - spec.teacher_share)
     if temperature != 1.0:
         target.div_(temperature)
-    target.clamp_(min=target.amax(dim=-1, keepdim=True) - _FLOOR)  # -inf -> finite, probability still exactly 0
-    target_lse = softmax_into(target, target_probs)
-    target_neg_entropy = row_dot(target_probs, target) - target_lse  # sum_v p log p
+    target_max = target.amax(dim=-1, keepdim=True)
+    target.clamp_(min=target_max - _FLOOR)  # -inf -> finite, probability still exactly 0
+    target_lse = softmax_into(target, target_probs, target_max)
     if labels is not None and temperature == 1.0 and spec.teacher_share == 1.0:
         teacher_ce_sum = ((target_lse - teacher_label_logits) * valid).sum()
+    target_neg_entropy = row_dot(target_probs, target, scratch=target) - target_lse  # sum_v p log p; target spent
 
+    student_probs = workspace.get("student_probs", rows)
     if temperature != 1.0:
-        softened_student = torch.div(student_logits, temperature, out=target)  # the target's values are spent
+        softened_student = torch.div(student_logits, temperature, out=target)
     else:
         softened_student = student_logits
-    cross = row_dot(target_probs, softened_student)  # sum_v p z/T
-    student_probs = workspace.get("student_probs", rows)
+    cross = row_dot(target_probs, softened_student, scratch=student_probs)  # sum_v p z/T
     student_lse = softmax_into(softened_student, student_probs)
     kd_sum = (spec.factor * (target_neg_entropy - cross + student_lse)).sum()
 
@@ -156,4 +160,76 @@ def fused_kl_ce_chunk(
         grad.add_(plain_probs, alpha=ce_weight)
     if ce_weight != 0.0:
         grad.scatter_add_(-1, labels_safe, (-ce_weight * valid).unsqueeze(-1).to(grad.dtype))
+    return kd_sum.detach(), ce_sum.detach(), teacher_ce_sum.detach(), grad
+
+
+def fused_sparse_kl_ce_chunk(
+    student_logits: torch.Tensor,
+    teacher,
+    labels: torch.Tensor | None,
+    spec: FusedKL,
+    kd_weight: float,
+    ce_weight: float,
+    workspace: ChunkWorkspace,
+):
+    """:func:`fused_kl_ce_chunk` for a cached top-k teacher (:class:`~llmkd.losses.sparse_teacher.SparseTeacher`):
+    the top-k + tail-bucket forward KL ``sum_K p_i log(p_i / q_i) + P_tail log(P_tail / Q_tail)`` at the cache's
+    temperature, whose gradient is ``(f / T) (q_T - p~)`` with ``p~`` the teacher densified with a tail shaped like
+    the student (``p~_j = q_j P_tail / Q_tail`` outside the top-k). No ``(n, V)`` teacher tensor is built: the
+    student's probabilities are the only vocabulary-wide buffer (plus ``z / T`` and ``softmax(z)`` at ``T != 1``).
+
+    Args and returns as :func:`fused_kl_ce_chunk`; ``teacher`` holds the chunk's n tokens.
+    """
+    rows = student_logits.shape[0]
+    temperature = spec.temperature
+    teacher.check_temperature(temperature)
+    ids = teacher.ids
+    log_p_top, log_p_tail = teacher.log_probs.float(), teacher.tail_log_prob.float()
+    # a quantized cache sums to 1 only approximately: renormalise, as the densified path does
+    log_total = torch.logsumexp(torch.cat([log_p_top, log_p_tail[:, None]], dim=-1), dim=-1)
+    log_p_top = log_p_top - log_total[:, None]
+    log_p_tail = log_p_tail - log_total
+    p_top, p_tail = log_p_top.exp(), log_p_tail.exp()  # p_tail = 0 where k = V
+    has_tail = p_tail > 0
+
+    student_probs = workspace.get("student_probs", rows)
+    softened = student_logits
+    if temperature != 1.0:
+        softened = torch.div(student_logits, temperature, out=workspace.get("target_probs", rows))
+    student_lse = softmax_into(softened, student_probs)
+    q_top = student_probs.gather(1, ids)  # (n, k)
+    log_q_top = softened.gather(1, ids) - student_lse[:, None]
+    student_probs.scatter_(1, ids, 0.0)
+    q_tail = student_probs.sum(-1).clamp_min(torch.finfo(torch.float32).tiny)  # the student's mass outside K
+    top_term = (p_top * (log_p_top - log_q_top)).sum(-1)
+    tail_term = torch.where(has_tail, p_tail * (log_p_tail.clamp_min(-1e30) - q_tail.log()), 0.0)
+    kd_sum = (spec.factor * (top_term + tail_term)).sum()
+
+    kd_scale = kd_weight * spec.factor / temperature
+    tail_ratio = torch.where(has_tail, p_tail / q_tail, 0.0)  # p~_j / q_j outside K
+    zero = student_logits.new_zeros(())
+    teacher_ce_sum = teacher.cross_entropy_sum(labels) if labels is not None else zero
+    ce_sum = zero
+    grad = student_probs  # outside K: q_j; inside K: 0 (for now)
+    outside_scale = kd_scale * (1.0 - tail_ratio)  # (n,)
+    top_grad = kd_scale * (q_top - p_top)  # (n, k)
+    plain_probs = None
+    if labels is not None:
+        valid = labels != -100
+        labels_safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+        ce_rows = ce_weight * valid.float()  # (n,) the CE weight of each row
+        if temperature == 1.0:
+            plain_lse = student_lse
+            outside_scale = outside_scale + ce_rows  # + c q_j
+            top_grad = top_grad + ce_rows[:, None] * q_top
+        else:
+            plain_probs = workspace.get("plain_probs", rows)
+            plain_lse = softmax_into(student_logits, plain_probs)
+        ce_sum = ((plain_lse - student_logits.gather(-1, labels_safe).squeeze(-1)) * valid).sum()
+    grad.mul_(outside_scale[:, None])
+    grad.scatter_(1, ids, top_grad)
+    if plain_probs is not None and ce_weight != 0.0:
+        grad.add_(plain_probs.mul_(ce_rows[:, None]))
+    if labels is not None and ce_weight != 0.0:
+        grad.scatter_add_(-1, labels_safe, -ce_rows.unsqueeze(-1))
     return kd_sum.detach(), ce_sum.detach(), teacher_ce_sum.detach(), grad
