@@ -236,6 +236,9 @@ def _rss_mb() -> float:
 
 
 def _worker(args) -> None:
+    if args.memory_limit_gb:  # a mode that needs more fails with an out-of-memory error instead of the OOM killer
+        limit = int(args.memory_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import datasets  # noqa: F401 - every mode imports the same libraries, so that peak memory compares the steps
     import torch
     import trl  # noqa: F401
@@ -266,12 +269,17 @@ def _run_mode(args, mode: str, seq: int) -> dict | None:
         f"--{k}={getattr(args, k)}" for k in ("config", "vocab", "batch", "steps", "warmup", "trained")]
     if args.profile:
         command.append("--profile")
+    command.append(f"--memory_limit_gb={args.memory_limit_gb}")
     started = time.perf_counter()
     output = subprocess.run(command, capture_output=True, text=True,
                             env=dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1"))
     if output.returncode != 0:
         print(f"{mode} (seq {seq}): FAILED\n{output.stderr[-3000:]}", file=sys.stderr)
-        return None
+        lines = [line for line in output.stderr.strip().splitlines() if line.strip()]
+        reason = lines[-1][:200] if lines else f"exit status {output.returncode}"
+        if "memory" in output.stderr.lower():
+            reason = f"out of memory under the {args.memory_limit_gb:g} GB limit ({reason})"
+        return {"mode": mode, "failed": reason}
     result = json.loads(output.stdout.strip().splitlines()[-1])
     print(f"{mode} (seq {seq}): {result['sec_per_step']:.2f} s/step, {result['peak_rss_mb']:.0f} MB "
           f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
@@ -310,6 +318,8 @@ def _step_table(args, results: dict) -> list[str]:
              f"positions: {args.trained}; median of {args.steps} steps after {args.warmup} warm-up.", "",
              "| mode | sec/step | peak RSS (MB) | time / floor | memory / floor | time / gkd | memory / gkd |",
              "|---|---|---|---|---|---|---|"]
+    failed = {mode: row["failed"] for mode, row in results.items() if "failed" in row}
+    results = {mode: row for mode, row in results.items() if "failed" not in row}
     for mode, row in results.items():
         cells = [f"{row['sec_per_step']:.2f}", f"{row['peak_rss_mb']:.0f}"]
         for base in ("floor", "gkd"):
@@ -319,6 +329,8 @@ def _step_table(args, results: dict) -> list[str]:
             else:
                 cells += ["-", "-"]
         lines.append(f"| {MODE_NAMES[mode]} | " + " | ".join(cells) + " |")
+    for mode, reason in failed.items():
+        lines.append(f"| {MODE_NAMES[mode]} | failed: {reason} | | | | | |")
     profiled = {mode: row["profile"] for mode, row in results.items() if row.get("profile")}
     if profiled:
         lines += ["", "Where one step's time goes (`torch.profiler`, self CPU time of the top operators, share of the "
@@ -341,7 +353,7 @@ def _sweep_table(args, results: dict) -> list[str]:
         cells = []
         for mode in args.modes:
             row = by_mode.get(mode)
-            cells.append("failed" if row is None else
+            cells.append("failed" if row is None or "failed" in row else
                          f"{row['peak_rss_mb']:.0f} / {row['peak_rss_mb'] - row['base_rss_mb']:.0f}")
         lines.append(f"| {seq} | {logits_mb:.0f} | " + " | ".join(cells) + " |")
     return lines
@@ -397,6 +409,9 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="update this configuration's section of BENCHMARKS.md")
     parser.add_argument("--benchmarks", default=BENCHMARKS, help="the file --write updates (default: BENCHMARKS.md)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--memory_limit_gb", type=float, default=20.0,
+                        help="address-space limit of each mode's process (0: none); a mode that needs more is "
+                             "reported as out of memory")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     for key in ("vocab", "batch", "seq"):
         parser.add_argument(f"--{key}", type=int, default=None, help=f"override the configuration's {key}")
@@ -418,7 +433,7 @@ def main() -> None:
         lines = _sweep_table(args, results)
         section = f"{args.config}-sweep"
     else:
-        results = {mode: row for mode in args.modes if (row := _run_mode(args, mode, args.seq)) is not None}
+        results = {mode: _run_mode(args, mode, args.seq) for mode in args.modes}
         lines = _step_table(args, results)
         section = args.config
     print("\n".join(lines))

@@ -64,4 +64,6 @@ def test_memory_sweep(tmp_path):
     results, text = run_bench(tmp_path, "--sweep", "--seqs", "16", "64", "--modes", "kd")
     rows = results["results"]
     assert set(rows) == {"16", "64"} and all(set(by_mode) == {"kd"} for by_mode in rows.values())
-    assert "<!-- bench_step:ci-sweep -->" in text and "| 64 |" in text and "--sweep --seqs 16 64" in text
+    assert "<!-- bench_step:ci-sweep -->" in text and "| 64 |" in text
+    command = text.split("`")[1]
+    assert "--config ci --sweep --modes kd" in command and "--seqs 16 64" in command and "--vocab 600" in command

@@ -254,7 +254,12 @@ def test_cached_teacher_value_is_the_top_k_plus_tail_bucket_formula():
     rel_close(out.kd_sum, expected, rtol=1e-5)
 
 
-def test_taid_with_a_cached_teacher_takes_the_autograd_path(fused_calls):
-    prob = make_problem(seed=13)
-    run_cached(prob, sparse_teacher(prob, 6, 1.0), TAIDTokenLoss(0.5), chunk_size=8)
-    assert fused_calls == []
+@pytest.mark.parametrize("k", [6, V])
+def test_taid_with_a_cached_teacher_equals_its_autograd_path(k, fused_calls):
+    prob = make_problem(seed=13, ignore_frac=0.3)
+    teacher = sparse_teacher(prob, k, 1.0)
+    fused = run_cached(prob, teacher, TAIDTokenLoss(0.5), kd_weight=0.6, ce_weight=0.4, chunk_size=8)
+    assert len(fused_calls) == 5
+    plain = run_cached(prob, teacher, autograd_only(TAIDTokenLoss(0.5)), kd_weight=0.6, ce_weight=0.4, chunk_size=8)
+    assert len(fused_calls) == 5
+    assert_same(fused, plain)

@@ -103,7 +103,8 @@ def assert_same_taid_run(run: Run, reference: Run, label: str) -> None:
     # t after step 2 is the adaptive value, above the linear floor (0.8): it came from the step's synced loss
     assert len(ref_ts) == 3 and 0.8 + 1e-3 < ref_ts[1] < 1.0 - 1e-3, f"t is not set by the adaptive update: {ref_ts}"
     ts = [h["taid_t"] for h in run.facts()["log_history"] if "taid_t" in h]
-    assert ts == pytest.approx(ref_ts, abs=1e-6), f"{label}: TAID t after each step {ts} != {ref_ts}"
+    # the log rounds t to 6 decimals: two values 1e-8 apart can straddle a rounding boundary and print 1e-6 apart
+    assert ts == pytest.approx(ref_ts, abs=1.5e-6), f"{label}: TAID t after each step {ts} != {ref_ts}"
     state, ref_state = run.facts()["method_state"], reference.facts()["method_state"]
     for key in ("t", "momentum", "prev_loss"):
         assert state[key] == pytest.approx(ref_state[key], rel=STATE_RTOL), (

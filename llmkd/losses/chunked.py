@@ -213,14 +213,11 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
 
 def _fused_spec(token_loss, teacher, student_transform) -> FusedKL | None:
     """The fast path's description of the token loss (:mod:`.fused`), or None where autograd must run: token losses
-    that are not a forward KL to a target, TAID with a cached (sparse) teacher, a student logit post-processing."""
+    that are not a forward KL to a target, a student logit post-processing."""
     describe = getattr(token_loss, "fused_kl", None)
     if describe is None or not student_transform.is_identity:
         return None
-    spec = describe()
-    if spec is not None and isinstance(teacher, SparseTeacher) and spec.teacher_share != 1.0:
-        return None  # TAID's interpolation with a cached teacher: autograd on the densified teacher
-    return spec
+    return describe()
 
 
 def _project_into(hidden, weight, bias, vocab_size, out):
@@ -259,9 +256,15 @@ def _fused_chunk(hidden, head, teacher_head, vocab_size, labels, spec, weights, 
                 block_grad = torch.autograd.grad(block_sum * block_weight, logits_leaf)[0]
         block_sum = block_sum.detach()
     with torch.no_grad():
+        cached = teacher_logits if isinstance(teacher_logits, SparseTeacher) else None
+        if cached is not None and spec.teacher_share != 1.0:
+            # TAID interpolates logits: the cached teacher densified (tail shaped like the student, a constant)
+            teacher_logits = cached.dense_logits(like=student_logits)
         kernel = fused_sparse_kl_ce_chunk if isinstance(teacher_logits, SparseTeacher) else fused_kl_ce_chunk
         kd_sum, ce_sum, teacher_ce_sum, grad = kernel(student_logits, teacher_logits, labels, spec, kd_weight,
                                                       ce_weight, workspace)
+        if cached is not None and labels is not None:
+            teacher_ce_sum = cached.cross_entropy_sum(labels)  # the cache's own definition (uniform tail)
         if block_grad is not None:
             grad.add_(block_grad)
         block_sum = kd_sum.new_zeros(()) if block_sum is None else block_sum
