@@ -14,7 +14,7 @@ backward and runs as many full passes over them again; here each softmax is one 
 written into a reusable buffer, the KL comes from per-row dot products
 (``KL = <p, y/T> - lse(y/T) - <p, z/T> + lse(z/T)``), and the gradient is formed in place, so a chunk costs a handful
 of passes over ``n x V`` and allocates nothing after the first chunk. Log-normalisers come from the softmax
-itself: ``lse = x[argmax] - log softmax(x)[argmax]`` (the largest probability is at least ``1/V``, so the log is
+itself: ``lse = max(x) - log max(softmax(x))`` (the largest probability is at least ``1/V``, so the log is
 accurate).
 
 Used by :mod:`llmkd.losses.chunked` when the token loss is a forward KL to a target (see
@@ -76,6 +76,19 @@ def row_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Te
     return torch.mul(a, b, out=scratch).sum(-1)
 
 
+def label_columns(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n,)`` labels with -100 = ignored -> ``valid`` ``(n,)`` bool and a gather index ``(n, 1)`` (ignored rows
+    point at column 0; multiply what they read by ``valid``)."""
+    valid = labels != -100
+    return valid, torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+
+
+def cross_entropy_sum(logits: torch.Tensor, lse: torch.Tensor, index: torch.Tensor, valid: torch.Tensor):
+    """``sum over valid rows of lse - logits[label]``: logits ``(n, V)``, lse ``(n,)``, index/valid from
+    :func:`label_columns`."""
+    return ((lse - logits.gather(-1, index).squeeze(-1)) * valid).sum()
+
+
 def fused_kl_ce_chunk(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -105,8 +118,7 @@ def fused_kl_ce_chunk(
     teacher_ce_sum = ce_sum = zero
     valid = labels_safe = None
     if labels is not None:
-        valid = labels != -100
-        labels_safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+        valid, labels_safe = label_columns(labels)
         teacher_label_logits = teacher_logits.gather(-1, labels_safe).squeeze(-1)
         if not (temperature == 1.0 and spec.teacher_share == 1.0):  # else it comes from the target's lse below
             teacher_lse = softmax_into(teacher_logits, target_probs)
@@ -144,7 +156,7 @@ def fused_kl_ce_chunk(
     else:
         plain_probs = workspace.get("plain_probs", rows)
         plain_lse = softmax_into(student_logits, plain_probs)
-    ce_sum = ((plain_lse - student_logits.gather(-1, labels_safe).squeeze(-1)) * valid).sum()
+    ce_sum = cross_entropy_sum(student_logits, plain_lse, labels_safe, valid)
     all_valid = bool(valid.all())
     if ce_weight == 0.0:
         grad.sub_(target_probs).mul_(kd_scale)
@@ -215,8 +227,7 @@ def fused_sparse_kl_ce_chunk(
     top_grad = kd_scale * (q_top - p_top)  # (n, k)
     plain_probs = None
     if labels is not None:
-        valid = labels != -100
-        labels_safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
+        valid, labels_safe = label_columns(labels)
         ce_rows = ce_weight * valid.float()  # (n,) the CE weight of each row
         if temperature == 1.0:
             plain_lse = student_lse
@@ -225,7 +236,7 @@ def fused_sparse_kl_ce_chunk(
         else:
             plain_probs = workspace.get("plain_probs", rows)
             plain_lse = softmax_into(student_logits, plain_probs)
-        ce_sum = ((plain_lse - student_logits.gather(-1, labels_safe).squeeze(-1)) * valid).sum()
+        ce_sum = cross_entropy_sum(student_logits, plain_lse, labels_safe, valid)
     grad.mul_(outside_scale[:, None])
     grad.scatter_(1, ids, top_grad)
     if plain_probs is not None and ce_weight != 0.0:
