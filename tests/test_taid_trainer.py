@@ -1,4 +1,6 @@
-"""TAIDTrainer end to end: learning, once-per-optimizer-step schedule updates, checkpointed schedule, resume."""
+"""TAIDTrainer end to end: learning, once-per-optimizer-step schedule updates, checkpointed schedule, resume.
+
+(The agreement with the official schedule, input and step index, is tests/test_taid_official.py.)"""
 
 from __future__ import annotations
 
@@ -58,9 +60,16 @@ def test_taid_learns_t_rises_and_round_trip(tmp_path, tokenizer, models, dataset
     torch.testing.assert_close(reloaded(batch["input_ids"]).logits, student.eval()(batch["input_ids"]).logits)
 
 
-def test_schedule_updates_once_per_optimizer_step_with_the_step_mean(tmp_path, tokenizer, models, dataset):
+@pytest.mark.parametrize("schedule_loss", ["cross_entropy", "kl"])
+def test_schedule_updates_once_per_optimizer_step_with_the_step_mean(tmp_path, tokenizer, models, dataset,
+                                                                     schedule_loss):
+    """One update per optimizer step (not per micro-batch), with the official 0-based step index, fed the step's
+    token-weighted mean over its 3 micro-batches of the loss schedule_loss names: the cross-entropy (logged as
+    taid_ce) or the KL (logged as kd_loss). (Earlier versions fed the KL with the 1-based index; the default now
+    follows the official code, see tests/test_taid_official.py.)"""
     student, teacher = (copy.deepcopy(m) for m in models)
-    args = _config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=3, max_steps=4)
+    args = _config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=3, max_steps=4,
+                   schedule_loss=schedule_loss)
     trainer = TAIDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
                           processing_class=tokenizer)
     calls = []
@@ -68,10 +77,14 @@ def test_schedule_updates_once_per_optimizer_step_with_the_step_mean(tmp_path, t
     trainer.schedule.update = lambda J, step, max_steps: calls.append((J, step, max_steps)) or original(J, step,
                                                                                                        max_steps)
     trainer.train()
-    assert [c[1] for c in calls] == [1, 2, 3, 4] and all(c[2] == 4 for c in calls)
-    # J is the step's token-weighted TAID loss: it equals the logged kd_loss of that step (logging every step)
-    logged = [e["kd_loss"] for e in trainer.state.log_history if "kd_loss" in e]
+    assert [c[1] for c in calls] == [0, 1, 2, 3] and all(c[2] == 4 for c in calls)
+    logged_name = "taid_ce" if schedule_loss == "cross_entropy" else "kd_loss"
+    logged = [e[logged_name] for e in trainer.state.log_history if logged_name in e]
+    assert len(logged) == 4
     assert [c[0] for c in calls] == pytest.approx(logged, abs=1e-6)  # logs round to 6 decimals
+    # the cross-entropy is KL + H(p_t): several nats above the KL
+    ce, kl = ([e[k] for e in trainer.state.log_history if "taid_ce" in e] for k in ("taid_ce", "kd_loss"))
+    assert all(c > k + 1.0 for c, k in zip(ce, kl))
 
 
 def test_resume_continues_the_same_schedule_and_losses(tmp_path, tokenizer, models, dataset):
@@ -91,7 +104,10 @@ def test_resume_continues_the_same_schedule_and_losses(tmp_path, tokenizer, mode
     resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
 
     for key, value in whole.schedule.state_dict().items():
-        assert resumed.schedule.state_dict()[key] == pytest.approx(value, rel=1e-6)
+        if isinstance(value, str):  # schedule_loss
+            assert resumed.schedule.state_dict()[key] == value
+        else:
+            assert resumed.schedule.state_dict()[key] == pytest.approx(value, rel=1e-6)
     late = lambda tr: [e["kd_loss"] for e in tr.state.log_history if "kd_loss" in e and e["step"] > 4]  # noqa: E731
     assert late(resumed) == pytest.approx(late(whole), rel=1e-5)
     for key, value in whole_student.state_dict().items():
@@ -106,6 +122,20 @@ def test_resume_from_a_non_taid_checkpoint_is_refused(tmp_path, tokenizer, model
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
 
 
+def test_resume_refuses_a_schedule_driven_by_the_other_loss(tmp_path, tokenizer, models, dataset):
+    """A checkpoint's prev loss and momentum measure the loss that drove it; a schedule file without
+    schedule_loss comes from a version that fed the KL."""
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    (folder / "taid_schedule.json").write_text(json.dumps({"t": 0.45, "momentum": 0.01, "prev_loss": 0.3}))
+    trainer = TAIDTrainer(model=copy.deepcopy(models[0]), teacher_model=copy.deepcopy(models[1]),
+                          args=_config(tmp_path), train_dataset=dataset, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="schedule_loss='kl'"):
+        trainer.train(resume_from_checkpoint=str(folder))
+
+
 def test_bad_schedule_settings_fail_at_config_time(tmp_path):
     with pytest.raises(ValueError, match="t_start <= t_end"):
         _config(tmp_path, t_start=0.9, t_end=0.5)
+    with pytest.raises(ValueError, match="schedule_loss must be one of"):
+        _config(tmp_path, schedule_loss="ce")

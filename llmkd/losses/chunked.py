@@ -69,7 +69,10 @@ class DistillationLossOutput:
     ``loss``: scalar with gradient, already divided by the normalizer. The ``*_sum`` fields are detached float32
     scalars summed over the N tokens (divide by the token count to log means): ``kd_sum`` the token loss,
     ``ce_sum`` the student's cross-entropy, ``teacher_ce_sum`` the teacher's cross-entropy on the same labels,
-    ``block_sum`` the block loss summed over blocks (unweighted; zero without a block loss).
+    ``block_sum`` the block loss summed over blocks (unweighted; zero without a block loss),
+    ``target_entropy_sum`` the entropy ``H(p)`` of the token loss's target distribution, for a token loss that is
+    a KL to a target and says so with a ``with_target_entropy`` method (TAID: ``KL(p_t || q) + H(p_t)`` is the
+    cross-entropy its official schedule watches); None for other token losses.
     """
 
     loss: torch.Tensor
@@ -78,6 +81,7 @@ class DistillationLossOutput:
     teacher_ce_sum: torch.Tensor
     num_tokens: int
     block_sum: torch.Tensor | None = None
+    target_entropy_sum: torch.Tensor | None = None
 
 
 def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform,
@@ -90,10 +94,28 @@ def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return transform(logits.float())
 
 
+def reports_target_entropy(token_loss) -> bool:
+    """Whether ``token_loss`` is a KL to a target whose entropy it can return (a ``with_target_entropy`` method)."""
+    return callable(getattr(token_loss, "with_target_entropy", None))
+
+
+def token_loss_sums(token_loss, student_logits, teacher_logits) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(sum_n token_loss, sum_n H(target))`` over the n rows of ``(n, V)`` logits: the first with gradient, the
+    second detached, or None when the token loss does not report its target's entropy. The entropy comes out of
+    the same softmax as the loss (:meth:`~llmkd.losses.TAIDTokenLoss.with_target_entropy`)."""
+    if not reports_target_entropy(token_loss):
+        return token_loss(student_logits, teacher_logits).sum(), None
+    per_token, entropy = token_loss.with_target_entropy(student_logits, teacher_logits)
+    return per_token.sum(), entropy.detach().sum()
+
+
 def _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, ce_weight, block_loss=None,
                  block_weight=0.0):
-    """Per-chunk sums: (weighted total, kd sum, ce sum, block loss); logits are float32 ``(n, V)``, labels ``(n,)``."""
-    kd_sum = token_loss(student_logits, teacher_logits).sum()
+    """Per-chunk sums: (weighted total, kd sum, ce sum, block loss, target entropy (0 when not reported)); logits are
+    float32 ``(n, V)``, labels ``(n,)``."""
+    kd_sum, entropy_sum = token_loss_sums(token_loss, student_logits, teacher_logits)
+    if entropy_sum is None:
+        entropy_sum = student_logits.new_zeros(())
     if labels is not None:
         ce_sum = F.cross_entropy(student_logits, labels, reduction="sum", ignore_index=-100)
     else:
@@ -106,7 +128,7 @@ def _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, 
         block_sum = block_loss(student_logits, teacher_logits)
         if block_weight != 0.0:
             total = total + block_weight * block_sum
-    return total, kd_sum, ce_sum, block_sum
+    return total, kd_sum, ce_sum, block_sum, entropy_sum
 
 
 def teacher_cross_entropy_sum(teacher_logits, labels):
@@ -143,8 +165,8 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
         weight_leaf = student_weight.detach().requires_grad_(need_weight_grad)
         bias_leaf = None if student_bias is None else student_bias.detach().requires_grad_(need_bias_grad)
 
-        # total, kd, ce, teacher ce, block loss
-        totals = torch.zeros(5, dtype=torch.float32, device=student_hidden.device)
+        # total, kd, ce, teacher ce, block loss, target entropy
+        totals = torch.zeros(6, dtype=torch.float32, device=student_hidden.device)
         fused = _fused_spec(token_loss, teacher_hidden, s_post)
         workspace = None
         if fused is not None:
@@ -158,6 +180,7 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
                 grad_logits, sums = _fused_chunk(
                     hidden_chunk, head, (teacher_hidden, teacher_weight, teacher_bias, t_post), vocab_size,
                     chunk_labels, fused, (kd_weight, ce_weight, block_loss, block_weight), workspace, start, end,
+                    densify_cached=reports_target_entropy(token_loss),
                 )
                 totals += sums
                 _accumulate_head_grads(grad_logits, hidden_chunk, head, vocab_size, start, end,
@@ -170,7 +193,7 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
             hidden_leaf = hidden_chunk.requires_grad_(need_hidden_grad)
             with torch.enable_grad():
                 student_logits = project(hidden_leaf, weight_leaf, bias_leaf, s_post, vocab_size)
-                total, kd_sum, ce_sum, block_sum = _chunk_terms(
+                total, kd_sum, ce_sum, block_sum, entropy_sum = _chunk_terms(
                     student_logits, teacher_logits, chunk_labels, token_loss, kd_weight, ce_weight, block_loss,
                     block_weight,
                 )
@@ -187,6 +210,7 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
             totals[1] += kd_sum.detach()
             totals[2] += ce_sum.detach()
             totals[4] += block_sum.detach()
+            totals[5] += entropy_sum
             del student_logits, teacher_logits, total
 
         ctx.save_for_backward(
@@ -196,7 +220,7 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
         ctx.dtypes = (student_weight.dtype, None if student_bias is None else student_bias.dtype)
         ctx.normalizer = normalizer
         loss = totals[0] / normalizer
-        metrics = totals[1:].clone()  # kd, ce, teacher ce, block
+        metrics = totals[1:].clone()  # kd, ce, teacher ce, block, target entropy
         ctx.mark_non_differentiable(metrics)
         return loss, metrics
 
@@ -232,9 +256,12 @@ def _project_into(hidden, weight, bias, vocab_size, out):
     return F.linear(hidden, weight, bias).float()
 
 
-def _fused_chunk(hidden, head, teacher_head, vocab_size, labels, spec, weights, workspace, start, end):
+def _fused_chunk(hidden, head, teacher_head, vocab_size, labels, spec, weights, workspace, start, end,
+                 densify_cached=False):
     """One chunk on the fast path: returns the gradient with respect to the student's logits ``(n, V)`` and the
-    chunk's sums ``(total, kd, ce, teacher ce, block)`` as a float32 ``(5,)`` tensor."""
+    chunk's sums ``(total, kd, ce, teacher ce, block, target entropy)`` as a float32 ``(6,)`` tensor.
+    ``densify_cached``: a cached teacher enters densified even at ``teacher_share = 1``, so that the reported target
+    entropy is that of the target the gradient uses, as on the autograd path."""
     kd_weight, ce_weight, block_loss, block_weight = weights
     teacher, teacher_weight, teacher_bias, teacher_transform = teacher_head
     rows = end - start
@@ -257,19 +284,19 @@ def _fused_chunk(hidden, head, teacher_head, vocab_size, labels, spec, weights, 
         block_sum = block_sum.detach()
     with torch.no_grad():
         cached = teacher_logits if isinstance(teacher_logits, SparseTeacher) else None
-        if cached is not None and spec.teacher_share != 1.0:
+        if cached is not None and (spec.teacher_share != 1.0 or densify_cached):
             # TAID interpolates logits: the cached teacher densified (tail shaped like the student, a constant)
             teacher_logits = cached.dense_logits(like=student_logits)
         kernel = fused_sparse_kl_ce_chunk if isinstance(teacher_logits, SparseTeacher) else fused_kl_ce_chunk
-        kd_sum, ce_sum, teacher_ce_sum, grad = kernel(student_logits, teacher_logits, labels, spec, kd_weight,
-                                                      ce_weight, workspace)
+        kd_sum, ce_sum, teacher_ce_sum, entropy_sum, grad = kernel(student_logits, teacher_logits, labels, spec,
+                                                                   kd_weight, ce_weight, workspace)
         if cached is not None and labels is not None:
             teacher_ce_sum = cached.cross_entropy_sum(labels)  # the cache's own definition (uniform tail)
         if block_grad is not None:
             grad.add_(block_grad)
         block_sum = kd_sum.new_zeros(()) if block_sum is None else block_sum
         total = kd_weight * kd_sum + ce_weight * ce_sum + block_weight * block_sum
-        return grad, torch.stack([total, kd_sum, ce_sum, teacher_ce_sum, block_sum]).float()
+        return grad, torch.stack([total, kd_sum, ce_sum, teacher_ce_sum, block_sum, entropy_sum]).float()
 
 
 def _accumulate_head_grads(grad_logits, hidden, head, vocab_size, start, end, grads):
@@ -428,7 +455,9 @@ def chunked_distillation_loss(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
         None if teacher_bias is None else teacher_bias.detach(), labels, spec,
     )
-    return DistillationLossOutput(loss, metrics[0], metrics[1], metrics[2], n_tokens, block_sum=metrics[3])
+    entropy_sum = metrics[4] if reports_target_entropy(token_loss) else None
+    return DistillationLossOutput(loss, metrics[0], metrics[1], metrics[2], n_tokens, block_sum=metrics[3],
+                                  target_entropy_sum=entropy_sum)
 
 
 def dense_distillation_loss(
@@ -466,13 +495,15 @@ def dense_distillation_loss(
         teacher_logits = _teacher_chunk(teacher_hidden, teacher_weight, teacher_bias, teacher_transform,
                                         vocab_size, 0, n_tokens)
         teacher_ce = teacher_cross_entropy_sum(teacher_logits, labels)
-    total, kd_sum, ce_sum, _ = _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, ce_weight)
+    total, kd_sum, ce_sum, _, entropy_sum = _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight,
+                                                         ce_weight)
     block_sum = dense_block_loss(student_logits, teacher_logits, block_loss, chunk_bounds)
     if block_loss is not None and block_weight != 0.0:
         total = total + block_weight * block_sum
     normalizer = _clamped(normalizer, total.device)
     return DistillationLossOutput(total / normalizer, kd_sum.detach(), ce_sum.detach(), teacher_ce.detach(), n_tokens,
-                                  block_sum=block_sum.detach())
+                                  block_sum=block_sum.detach(),
+                                  target_entropy_sum=entropy_sum if reports_target_entropy(token_loss) else None)
 
 
 def dense_block_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, block_loss: BlockLoss | None,

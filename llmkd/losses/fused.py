@@ -108,8 +108,10 @@ def fused_kl_ce_chunk(
         kd_weight / ce_weight: ``a`` and ``c`` of the module docstring.
         workspace: buffers ``"target_probs"``, ``"student_probs"`` and (``T != 1`` with labels) ``"plain_probs"``.
     Returns:
-        ``(kd_sum, ce_sum, teacher_ce_sum, grad)``: detached float32 scalars (the CE sums are 0 without labels) and
-        the ``(n, V)`` gradient (a workspace buffer: consume it before the next chunk).
+        ``(kd_sum, ce_sum, teacher_ce_sum, target_entropy_sum, grad)``: detached float32 scalars (the CE sums are 0
+        without labels; ``target_entropy_sum`` is ``sum_n H(p)`` of the target ``p = softmax(y / T)``, without the
+        factor, a by-product of the KL: ``KL + H(p)`` is the cross-entropy ``-sum_v p log q_T``) and the ``(n, V)``
+        gradient (a workspace buffer: consume it before the next chunk).
     """
     rows = student_logits.shape[0]
     temperature = spec.temperature
@@ -148,9 +150,10 @@ def fused_kl_ce_chunk(
     # the gradient, built in the student-probability buffer: kd_scale * (q_T - p) + c * (q_1 - onehot)
     kd_scale = kd_weight * spec.factor / temperature
     grad = student_probs
+    target_entropy_sum = -target_neg_entropy.sum()
     if labels is None:
         grad.sub_(target_probs).mul_(kd_scale)
-        return kd_sum.detach(), ce_sum, teacher_ce_sum, grad
+        return kd_sum.detach(), ce_sum, teacher_ce_sum, target_entropy_sum, grad
     if temperature == 1.0:
         plain_lse, plain_probs = student_lse, None
     else:
@@ -172,7 +175,7 @@ def fused_kl_ce_chunk(
         grad.add_(plain_probs, alpha=ce_weight)
     if ce_weight != 0.0:
         grad.scatter_add_(-1, labels_safe, (-ce_weight * valid).unsqueeze(-1).to(grad.dtype))
-    return kd_sum.detach(), ce_sum.detach(), teacher_ce_sum.detach(), grad
+    return kd_sum.detach(), ce_sum.detach(), teacher_ce_sum.detach(), target_entropy_sum, grad
 
 
 def fused_sparse_kl_ce_chunk(
@@ -190,7 +193,9 @@ def fused_sparse_kl_ce_chunk(
     the student (``p~_j = q_j P_tail / Q_tail`` outside the top-k). No ``(n, V)`` teacher tensor is built: the
     student's probabilities are the only vocabulary-wide buffer (plus ``z / T`` and ``softmax(z)`` at ``T != 1``).
 
-    Args and returns as :func:`fused_kl_ce_chunk`; ``teacher`` holds the chunk's n tokens.
+    Args and returns as :func:`fused_kl_ce_chunk`; ``teacher`` holds the chunk's n tokens. ``target_entropy_sum``
+    is the entropy of the distribution this KL compares, the top-k and one tail bucket:
+    ``-sum_K p_i log p_i - P_tail log P_tail``.
     """
     rows = student_logits.shape[0]
     temperature = spec.temperature
@@ -216,6 +221,8 @@ def fused_sparse_kl_ce_chunk(
     top_term = (p_top * (log_p_top - log_q_top)).sum(-1)
     tail_term = torch.where(has_tail, p_tail * (log_p_tail.clamp_min(-1e30) - q_tail.log()), 0.0)
     kd_sum = (spec.factor * (top_term + tail_term)).sum()
+    tail_entropy = torch.where(has_tail, p_tail * log_p_tail.clamp_min(-1e30), 0.0)
+    target_entropy_sum = -((p_top * log_p_top).sum(-1) + tail_entropy).sum()
 
     kd_scale = kd_weight * spec.factor / temperature
     tail_ratio = torch.where(has_tail, p_tail / q_tail, 0.0)  # p~_j / q_j outside K
@@ -243,4 +250,4 @@ def fused_sparse_kl_ce_chunk(
         grad.add_(plain_probs.mul_(ce_rows[:, None]))
     if labels is not None and ce_weight != 0.0:
         grad.scatter_add_(-1, labels_safe, -ce_rows.unsqueeze(-1))
-    return kd_sum.detach(), ce_sum.detach(), teacher_ce_sum.detach(), grad
+    return kd_sum.detach(), ce_sum.detach(), teacher_ce_sum.detach(), target_entropy_sum.detach(), grad

@@ -45,7 +45,7 @@ from ..loading import (
     tokenizer_of,
 )
 from ..losses import SparseTeacher, chunked_distillation_loss, get_divergence
-from ..losses.chunked import dense_block_loss, teacher_cross_entropy_sum
+from ..losses.chunked import dense_block_loss, teacher_cross_entropy_sum, token_loss_sums
 from .checkpoint_weights import reload_converted_checkpoint
 from .guards import TrainingGuardsMixin
 from .cached_teacher import CACHE_ROW, cache_vocab_size, cached_targets, open_teacher_cache, tag_cached_rows
@@ -362,14 +362,14 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
                              f"{tuple(teacher_logits.shape)} differ in shape.")
         normalizer = num_items_in_batch if num_items_in_batch is not None else labels.numel()
         terms = _LossTerms(self.token_loss_fn(), *self.loss_weights(), self.block_loss_fn(), None)
-        kd = terms.token_loss(student_logits, teacher_logits).sum()
+        kd, target_entropy = token_loss_sums(terms.token_loss, student_logits, teacher_logits)
         ce = F.cross_entropy(student_logits, labels, reduction="sum")
         block = dense_block_loss(student_logits, teacher_logits, terms.block_loss, None)
         total = terms.kd_weight * kd + terms.ce_weight * ce + terms.block_weight * block
         with torch.no_grad():
             teacher_ce = F.cross_entropy(teacher_logits, labels, reduction="sum")
         record.update(kd=kd.detach(), ce=ce.detach(), teacher_ce=teacher_ce, block=block.detach(),
-                      tokens=float(labels.numel()))
+                      tokens=float(labels.numel()), target_entropy=target_entropy)
         return outputs, total / _clamped_normalizer(normalizer, total.device)
 
     @torch.no_grad()
@@ -410,7 +410,7 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
                 "cannot reproduce that. Set use_chunked_loss=False."
             )
         record.update(kd=result.kd_sum, ce=result.ce_sum, teacher_ce=result.teacher_ce_sum, block=result.block_sum,
-                      tokens=float(result.num_tokens))
+                      tokens=float(result.num_tokens), target_entropy=result.target_entropy_sum)
         return outputs, loss.reshape(())
 
     def _dense_student_loss(self, model, model_inputs, valid, target_ids, teacher_targets, terms, normalizer,
@@ -422,14 +422,14 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
         else:
             with torch.no_grad():
                 teacher_logits = self.teacher(**model_inputs).logits[:, :-1][valid][:, : self.vocab_size].float()
-        kd = terms.token_loss(student_logits, teacher_logits).sum()
+        kd, target_entropy = token_loss_sums(terms.token_loss, student_logits, teacher_logits)
         ce = F.cross_entropy(student_logits, target_ids, reduction="sum")
         block = dense_block_loss(student_logits, teacher_logits, terms.block_loss, terms.blocks)
         total = terms.kd_weight * kd + terms.ce_weight * ce + terms.block_weight * block
         with torch.no_grad():
             teacher_ce = teacher_cross_entropy_sum(teacher_logits, target_ids)
         record.update(kd=kd.detach(), ce=ce.detach(), teacher_ce=teacher_ce, block=block.detach(),
-                      tokens=float(target_ids.numel()))
+                      tokens=float(target_ids.numel()), target_entropy=target_entropy)
         return outputs, total / _clamped_normalizer(normalizer, total.device)
 
     # ---------------------------------------------------------------------------------------------- logging
