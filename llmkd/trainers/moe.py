@@ -29,8 +29,9 @@ from torch import nn
 
 from ..config import DistillConfig
 from ..heads import unwrap_model
+from ..losses.load_balancing import AUX_LOSS_TYPES
 from ..models.moe import upcycle_to_moe
-from ..models.routing import is_moe_model, monitor_student_routers
+from ..models.routing import is_moe_model, monitor_student_routers, stop_router_outputs_through_vlm_wrapper
 from .base import DistillTrainer
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,61 @@ _VISION_TOWER = ("vision_tower", "vision_model", "visual")
 
 
 @dataclass
-class MoEMimicConfig(DistillConfig):
+class MoEStudentFields:
+    r"""How an MoE student's routers are trained, shared by :class:`MoEMimicConfig` and
+    :class:`~llmkd.PreferenceDistillConfig` (the fields act only on an MoE student).
+
+    The defaults keep transformers' own MoE training (the saved model's class); the official LLaVA-MoD code
+    (DeepSpeed's MoE layer) differs on each point, and these fields reproduce it (docs/MOE.md, "Differences from
+    the official code"):
+
+    Parameters:
+        aux_loss_type: ``switch`` (default) — transformers' ``load_balancing_loss_func``, E·Σ f_e·P_e over the
+            layers' tokens pooled (``top_k`` at balance), what the saved model's own ``aux_loss`` is, so continued
+            training with any transformers tool optimises the same thing; or ``deepspeed_top2`` — the official
+            formula, per layer E²·mean(me·ce) with ce the top-1 share, SUMMED over the sparse layers (1 per layer at
+            balance: 12 for a 12-sparse-layer student, about ``num_sparse_layers / top_k`` times the balancing
+            gradient at the same coefficient).
+        aux_loss_mask_padding: leave padding rows out of the aux loss (True, default). The official code counts
+            every row, padding included (False), but ran one sequence per device, so it had no padding: masking
+            gives its value on such batches and keeps padding from moving the loss on batched ones.
+        second_expert_sampling: while training, sample each token's second expert with Gumbel noise over the
+            non-first experts' logits, as the official DeepSpeed top-2 gating does (False, default: the
+            second-largest gate, as at inference). Seeded by ``seed`` (torch's global generator).
+        capacity_factor: while training, drop the assignments beyond ``max(ceil(tokens / E · 2 · capacity_factor),
+            min_capacity)`` per expert (first choices first, then second choices, each in token order); a token
+            that loses both experts passes through the layer's residual only. None (default): nothing is dropped,
+            as at inference. The official stage scripts use 1.5.
+        min_capacity: the smallest capacity when ``capacity_factor`` is set (0, the official code's value).
+    Either routing option needs a top-2 student with renormalised gates (what ``upcycle_to_moe`` builds). At
+    evaluation and after saving, the model routes as its transformers class does (deterministic top-2, nothing
+    dropped); the official model keeps sampling the second expert at evaluation and inference (its evaluation
+    capacity factor, 2.0, drops nothing with 4 experts).
+    """
+
+    aux_loss_type: str = field(default="switch", metadata={
+        "help": f"Load-balancing loss formula, one of {AUX_LOSS_TYPES}: switch (transformers) or deepspeed_top2 "
+                "(LLaVA-MoD's official code)."})
+    aux_loss_mask_padding: bool = field(default=True, metadata={
+        "help": "Leave padding out of the aux loss (the official code counts it; it ran without padding)."})
+    second_expert_sampling: bool = field(default=False, metadata={
+        "help": "Sample the second expert with Gumbel noise while training (official: true)."})
+    capacity_factor: float | None = field(default=None, metadata={
+        "help": "Drop assignments over capacity while training (official: 1.5); None drops nothing."})
+    min_capacity: int = field(default=0, metadata={"help": "Minimum expert capacity (official: 0)."})
+
+    def check_moe_student_fields(self) -> None:
+        if self.aux_loss_type not in AUX_LOSS_TYPES:
+            raise ValueError(f"aux_loss_type must be one of {AUX_LOSS_TYPES}, got {self.aux_loss_type!r}.")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 (LLaVA-MoD: 1.5) or None (drop nothing), got "
+                             f"{self.capacity_factor}.")
+        if self.min_capacity < 0:
+            raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}.")
+
+
+@dataclass
+class MoEMimicConfig(MoEStudentFields, DistillConfig):
     r"""Configuration of :class:`MoEMimicTrainer` (every :class:`~llmkd.DistillConfig` field works).
 
     Parameters:
@@ -53,6 +108,8 @@ class MoEMimicConfig(DistillConfig):
         kd_weight / ce_weight: weights of the forward KL and of the CE (1 and 1: LLaVA-MoD adds them);
             ``kd_ratio`` is not used by this trainer.
         freeze_vision_tower: keep a VLM's vision tower frozen in both stages (True).
+        aux_loss_type / aux_loss_mask_padding / second_expert_sampling / capacity_factor / min_capacity: how the
+            routers train, see :class:`MoEStudentFields`.
     Defaults that differ from DistillConfig: ``divergence="fkl"`` and ``temperature=1.0`` (as the paper).
     """
 
@@ -71,6 +128,7 @@ class MoEMimicConfig(DistillConfig):
             raise ValueError(f"moe_stage must be one of {MOE_STAGES}, got {self.moe_stage!r}.")
         if self.aux_loss_coef < 0 or self.kd_weight < 0 or self.ce_weight < 0:
             raise ValueError("aux_loss_coef, kd_weight and ce_weight must be >= 0.")
+        self.check_moe_student_fields()
 
 
 def stage_trainable(name: str, stage: str, freeze_vision_tower: bool = True) -> bool:
@@ -138,11 +196,18 @@ class MoEMimicTrainer(DistillTrainer):
         if args.moe_stage == "d2s" and not is_moe_model(model):
             model = upcycle_to_moe(model, num_experts=args.num_experts, top_k=args.num_experts_per_tok,
                                    every=args.moe_every, aux_loss_coef=args.aux_loss_coef, seed=args.seed)
+        stop_router_outputs_through_vlm_wrapper(model)  # before the first forward (transformers >= 5.24's LLaVA)
         if not (args.use_peft and args.moe_stage == "d2d"):
             trainable, total = freeze_for_stage(model, args.moe_stage, args.freeze_vision_tower)
             logger.info("MoE mimic stage %s: %d of %d parameters train (%.1f%%).", args.moe_stage, trainable, total,
                         100.0 * trainable / max(total, 1))
         return model, processing_class
+
+    @staticmethod
+    def _teacher(teacher, args, teacher_processing_class, task="causal_lm"):
+        teacher, teacher_processing_class = DistillTrainer._teacher(teacher, args, teacher_processing_class, task)
+        stop_router_outputs_through_vlm_wrapper(teacher)  # an MoE VLM teacher, as the student
+        return teacher, teacher_processing_class
 
     # ------------------------------------------------------------------------------------------------ loss
     def loss_weights(self) -> tuple[float, float]:

@@ -34,7 +34,7 @@ from ..losses.preference import PREFERENCE_LOSSES, preference_loss
 from ..models.routing import monitor_student_routers
 from ..teacher import check_same_tokenizer, freeze
 from .base import DistillTrainer, lora_config_from_args
-from .moe import MOE_STAGES, freeze_for_stage, freeze_vision_tower
+from .moe import MOE_STAGES, MoEStudentFields, freeze_for_stage, freeze_vision_tower
 from .guards import TrainingGuardsMixin
 from .checkpoint_weights import reload_converted_checkpoint
 
@@ -44,7 +44,7 @@ _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass
-class PreferenceDistillConfig(ModelSourceFields, DPOConfig):
+class PreferenceDistillConfig(MoEStudentFields, ModelSourceFields, DPOConfig):
     r"""Configuration of :class:`PreferenceDistillTrainer`: every ``trl.DPOConfig`` field, plus the fields that name
     the student, the teacher (the reference), the data and LoRA (as in :class:`~llmkd.DistillConfig`).
 
@@ -52,6 +52,8 @@ class PreferenceDistillConfig(ModelSourceFields, DPOConfig):
         loss_type: ``["kto_pair"]`` (default, LLaVA-MoD's official choice) or ``["sigmoid"]`` (DPO); one loss.
         beta: the DPO/KTO temperature (0.1).
         aux_loss_coef: weight of an MoE student's load-balancing loss (0.01; 0 turns it off).
+        aux_loss_type / aux_loss_mask_padding / second_expert_sampling / capacity_factor / min_capacity: how an
+            MoE student's routers train, as in the mimic stage (:class:`~llmkd.trainers.moe.MoEStudentFields`).
         moe_stage: which parameters train, as in :class:`~llmkd.MoEMimicConfig`: ``None`` (default) keeps the
             student's own ``requires_grad`` (a model loaded from a path trains whole), ``d2s`` only the FFNs /
             experts / routers and a VLM's projector, ``d2d`` everything.
@@ -82,6 +84,7 @@ class PreferenceDistillConfig(ModelSourceFields, DPOConfig):
             raise ValueError(f"moe_stage must be None or one of {MOE_STAGES}, got {self.moe_stage!r}.")
         if self.aux_loss_coef < 0:
             raise ValueError(f"aux_loss_coef must be >= 0, got {self.aux_loss_coef}.")
+        self.check_moe_student_fields()
         if self.ld_alpha is not None or self.use_weighting or self.f_divergence_type != "reverse_kl":
             raise ValueError("ld_alpha, use_weighting and f_divergence_type are TRL DPO variants that "
                              "PreferenceDistillTrainer does not implement; leave them at their defaults.")
