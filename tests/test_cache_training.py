@@ -61,25 +61,60 @@ def full_cache(tmp_path_factory, models, rows, tokenizer):
     return write_cache(tmp_path_factory.mktemp("cache") / "full", models[1], rows, tokenizer, k=len(tokenizer))
 
 
+# Cache vs online training: why the tolerances hold on any machine. The two runs cannot share arithmetic (the cache
+# holds float32 log-probabilities written in its own batches and read through the sparse-teacher kernel; the online
+# run projects the teacher's hidden states itself), so each gradient differs by float32 rounding: relative error
+# rho <= 4u(max|z| + log V) + (N + H)u ~ 2e-5 (u = 2^-24; the target probabilities' rounding plus the reductions over
+# N tokens and the teacher width H), stated as rho = 1e-4. The runs use plain SGD with a constant lr: the weight
+# difference is then lr * (gradient difference), summed over the 5 steps (~5 rho relative to the update). AdamW would
+# divide each coordinate by its own gradient scale: a coordinate whose gradient cancels to below adam_epsilon (1e-8)
+# turns a 1e-11 difference into ~1e-5, which is how this test failed on another machine before it used SGD.
+EQUIVALENCE = dict(optim="sgd", lr_scheduler_type="constant", learning_rate=0.5, max_grad_norm=0.0, weight_decay=0.0)
+GRADIENT_RTOL = 1e-4  # rho above
+UPDATE_RTOL = 2e-3  # per tensor, after 5 SGD steps: 5 rho = 5e-4, x4 for the propagation of earlier differences
+# (measured here: kd 2e-6, sinkd 3e-5, taid 2e-4 on q_proj, whose update is small because its gradient cancels)
+LOG_QUANTUM = 1e-6  # kd_loss and teacher_ce_loss are logged rounded to 6 decimals
+
+
+def max_update_error(init, reference, other):
+    """max over tensors of max|du - du_ref| / max|du_ref| (du = weights after training - initial weights)."""
+    errors = {}
+    for name, start in init.items():
+        ref_update, update = reference[name] - start, other[name] - start
+        scale = ref_update.abs().max().item()
+        if scale > 0:
+            errors[name] = ((update - ref_update).abs().max() / scale).item()
+    name = max(errors, key=errors.get)
+    return errors[name], name
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_training_from_a_full_cache_equals_online_training(method, tmp_path, models, rows, tokenizer, full_cache):
     trainer_class = METHODS[method][1]
+    init = {k: v.detach().clone() for k, v in models[0].state_dict().items()}
     runs = {}
     for source in ("online", "cache"):
         student = copy.deepcopy(models[0])
         extra = {"teacher_model": copy.deepcopy(models[1])} if source == "online" else {}
         overrides = {"teacher_cache": full_cache} if source == "cache" else {}
-        trainer = trainer_class(model=student, args=config(method, tmp_path, source, **overrides),
+        trainer = trainer_class(model=student, args=config(method, tmp_path, source, **EQUIVALENCE, **overrides),
                                 train_dataset=rows, processing_class=tokenizer, **extra)
         if source == "cache":
             assert trainer.teacher is None
         trainer.train()
-        runs[source] = (step_logs(trainer), {k: v.detach().clone() for k, v in student.state_dict().items()})
-    (online_logs, online_weights), (cached_logs, cached_weights) = runs["online"], runs["cache"]
+        losses = [e["loss"] for e in trainer.state.log_history if "kd_loss" in e]  # unrounded
+        runs[source] = (losses, step_logs(trainer), {k: v.detach().clone() for k, v in student.state_dict().items()})
+    (online_losses, online_logs, online_weights), (cached_losses, cached_logs, cached_weights) = (
+        runs["online"], runs["cache"])
     assert len(online_logs) == 5 * 3
-    assert cached_logs == pytest.approx(online_logs, rel=1e-4, abs=1e-6)
-    for name, weight in online_weights.items():
-        torch.testing.assert_close(cached_weights[name], weight, rtol=1e-3, atol=1e-5)
+    # each step's loss is a token mean of per-token terms computed with relative error <= rho (and the weights it is
+    # evaluated at differ by the bound below): rel 5 rho
+    assert cached_losses == pytest.approx(online_losses, rel=5 * GRADIENT_RTOL)
+    assert cached_logs == pytest.approx(online_logs, rel=5 * GRADIENT_RTOL, abs=1.5 * LOG_QUANTUM)
+    moved = max((online_weights[k] - v).abs().max().item() for k, v in init.items())
+    assert moved > 1e-3, f"5 SGD steps barely moved the student ({moved:.1e}): the comparison would be weak"
+    error, name = max_update_error(init, online_weights, cached_weights)
+    assert error < UPDATE_RTOL, f"{method}: the cache run's update of {name} differs by {error:.2e} (relative)"
 
 
 def test_training_from_a_top_k_cache_distils(tmp_path, models, rows, tokenizer):
