@@ -107,6 +107,16 @@ class DHOConfig(RunOutputFields, TrainingArguments):
 
     Parameters that control the loss and the inference weights:
         ce_weight: ``lam`` (0.5). temperature: ``T`` (2.0).
+        separate_forwards: run the student twice per step, once on the labeled batch and once on the unlabeled
+            batch, instead of once on both concatenated (False). The loss is the same formula; only BatchNorm
+            backbones (ResNet, MobileNetV2) notice: with one forward every BatchNorm layer normalises the 2B
+            labeled and unlabeled images together and updates its running statistics once per step; with two, each
+            batch is normalised with its own statistics and the running statistics are updated twice per step (the
+            unlabeled batch last). The default follows the official ImageNet scripts (``train_imgnet.py``,
+            ``train_imgnet_semi*.py``), which produced the paper's main results; turn it on to match the official
+            few-shot script for the other datasets (``train_others.py``, ResNet-18 / MobileNetV2 students). Without
+            BatchNorm (ViT, CLIP vision towers, ConvNeXt) both give the same loss and gradients, and one forward is
+            cheaper.
         single_head: the single-head CE+KD baseline: both terms train the CE head, the KD head is unused and the
             prediction is the CE head's (alpha = 1).
         search_inference_weights: grid-search alpha/beta at each evaluation on the validation split (True).
@@ -141,6 +151,9 @@ class DHOConfig(RunOutputFields, TrainingArguments):
     ce_weight: float = field(default=0.5, metadata={"help": "lam: weight of the CE term; KD gets 1 - lam."})
     temperature: float = field(default=2.0, metadata={"help": "KD temperature T (loss scaled by T^2)."})
     single_head: bool = field(default=False, metadata={"help": "Single-head CE+KD baseline."})
+    separate_forwards: bool = field(default=False, metadata={
+        "help": "One student forward per batch (labeled, then unlabeled; BatchNorm statistics per batch, as the "
+                "official train_others.py) instead of one over both (as the official ImageNet scripts)."})
     search_inference_weights: bool = field(default=True, metadata={"help": "Search alpha/beta on validation."})
     alpha_grid: list[float] | None = field(default=None, metadata={"help": "alpha grid (default 0..1 step .05)."})
     beta_grid: list[float] | None = field(default=None, metadata={"help": "beta grid."})
@@ -346,21 +359,31 @@ class DHOTrainer(TrainingGuardsMixin, Trainer):
 
     # ------------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """:func:`dho_loss` of a paired batch (``pixel_values`` ``(B, 3, H, W)``, ``labels`` ``(B,)``,
+        ``unlabeled_pixel_values`` ``(B, 3, H, W)``, teacher logits or pixels); with ``return_outputs`` also the
+        student's output on ``[x_l; x_u]``, or the pair ``(labeled, unlabeled)`` with ``separate_forwards``."""
         if "unlabeled_pixel_values" not in inputs:  # an evaluation batch: NLL of the combined prediction
             outputs = model(pixel_values=inputs["pixel_values"], labels=inputs.get("labels"))
             return (outputs.loss, outputs) if return_outputs else outputs.loss
         labeled_pixels, unlabeled_pixels = inputs["pixel_values"], inputs["unlabeled_pixel_values"]
         size = labeled_pixels.shape[0]
-        # one forward over both batches (the official code does the same; BatchNorm sees both)
-        outputs = model(pixel_values=torch.cat([labeled_pixels, unlabeled_pixels]))
-        ce_logits = outputs.ce_logits
-        kd_logits = ce_logits if self.args.single_head else outputs.kd_logits
+        if self.args.separate_forwards:
+            # one forward per batch, as the official train_others.py: BatchNorm normalises each batch with its own
+            # statistics and updates its running statistics twice (the unlabeled batch last)
+            outputs = (model(pixel_values=labeled_pixels), model(pixel_values=unlabeled_pixels))
+            (ce_logits, kd_logits), (_, unlabeled_kd_logits) = (self._heads(out) for out in outputs)
+        else:
+            # one forward over both batches, as the official ImageNet scripts: BatchNorm normalises the 2B images
+            # together (each image's logits depend on the other batch) and updates its running statistics once
+            outputs = model(pixel_values=torch.cat([labeled_pixels, unlabeled_pixels]))
+            ce_logits, kd_logits = self._heads(outputs)
+            ce_logits, kd_logits, unlabeled_kd_logits = ce_logits[:size], kd_logits[:size], kd_logits[size:]
         teacher_labeled = self._teacher_logits(inputs, "")
         teacher_unlabeled = self._teacher_logits(inputs, "unlabeled_")
         unlabeled_count = None
         if num_items_in_batch is not None:  # paired items: the step's unlabeled count equals its labeled count
             unlabeled_count = num_items_in_batch * (unlabeled_pixels.shape[0] / size)
-        result = dho_loss(ce_logits[:size], kd_logits[:size], inputs["labels"], teacher_labeled, kd_logits[size:],
+        result = dho_loss(ce_logits, kd_logits, inputs["labels"], teacher_labeled, unlabeled_kd_logits,
                           teacher_unlabeled, ce_weight=self.args.ce_weight, temperature=self.args.temperature,
                           labeled_count=num_items_in_batch, unlabeled_count=unlabeled_count)
         # per-example sums for the logs (device tensors: no host synchronisation per micro-batch)
@@ -373,6 +396,11 @@ class DHOTrainer(TrainingGuardsMixin, Trainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
         return (loss, outputs) if return_outputs else loss
+
+    def _heads(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(B, C)`` logits the CE and KD terms train: ``(ce_logits, kd_logits)``, or the CE head's twice for
+        the single-head baseline."""
+        return outputs.ce_logits, outputs.ce_logits if self.args.single_head else outputs.kd_logits
 
     @torch.no_grad()
     def _teacher_logits(self, inputs, prefix: str) -> torch.Tensor:
