@@ -81,7 +81,15 @@ def build(method: str, tag: str, batch: int, accumulation: int, snapshot):
                                        train_dataset=Dataset.from_list(rows()), processing_class=tokenizer,
                                        callbacks=[snapshot])
         trainer.micro = []
-        return trainer, lambda t: dict(t.schedule.state_dict())
+        # the exact (J, step, max_steps) each update receives: the test replays the schedule on them
+        inputs, update = [], trainer.schedule.update
+
+        def recording_update(loss, step, max_steps):
+            inputs.append([float(loss), int(step), int(max_steps)])
+            return update(loss, step, max_steps)
+
+        trainer.schedule.update = recording_update
+        return trainer, lambda t: dict(t.schedule.state_dict(), inputs=inputs)
     if method in ("moe_mimic", "moe_mimic_aux"):
         teacher = tiny_llama(len(tokenizer) + 7, hidden=48, layers=2, seed=2)
         student = upcycle_to_moe(student, num_experts=4, top_k=2, every=1, seed=3)
