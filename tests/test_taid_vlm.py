@@ -126,11 +126,12 @@ def test_every_part_of_the_student_trains_and_the_teacher_is_frozen(run):
 
 def test_t_follows_the_schedule_from_the_logged_step_losses(run):
     trainer = run["trainer"]
-    ts, kd = logged(trainer, "taid_t"), logged(trainer, "kd_loss")
+    # the schedule is fed the cross-entropy KL + H(p_t) (logged as taid_ce), with the official 0-based step index
+    ts, ce = logged(trainer, "taid_t"), logged(trainer, "taid_ce")
     assert len(ts) == MAX_STEPS and ts[0] == pytest.approx(T_START)  # the first step only records J
     replay = TAIDSchedule(t_start=T_START, alpha=0.05, beta=0.5)
-    for step, (t, loss) in enumerate(zip(ts, kd), start=1):
-        if step > 1:  # from the second step on, t is at least the linear floor
+    for step, (t, loss) in enumerate(zip(ts, ce)):
+        if step > 0:  # from the second step on, t is at least the linear floor
             assert t >= replay.linear_floor(step, MAX_STEPS) - 1e-6
         assert replay.update(loss, step, MAX_STEPS) == pytest.approx(t, abs=1e-5)  # logs round to 6 decimals
     assert all(later >= earlier for earlier, later in zip(ts, ts[1:]))
