@@ -100,7 +100,8 @@ def build(method: str, tag: str, batch: int, accumulation: int, snapshot):
                                            train_dataset=Dataset.from_list(rows()), processing_class=tokenizer,
                                            callbacks=[snapshot])
         trainer.micro = []
-        return trainer, lambda t: {}
+        gaps = record_top_k_gaps(student, k=2)
+        return trainer, lambda t: {"min_router_gap": min(gaps)}
     if method.startswith("preference_"):
         from test_preference_trainer import preference_rows
 
@@ -116,6 +117,23 @@ def build(method: str, tag: str, batch: int, accumulation: int, snapshot):
                                            processing_class=tokenizer, callbacks=[snapshot])
         return trainer, lambda t: {}
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def record_top_k_gaps(model, k: int) -> list[float]:
+    """Hooks on every router of ``model``: each forward appends the smallest gap between the k-th and (k+1)-th
+    largest router logit over its tokens (the margin by which the top-k expert choice is decided)."""
+    from llmkd.models.routing import find_routers
+
+    gaps = []
+
+    def hook(module, args, output):
+        logits = output[0] if isinstance(output, (tuple, list)) else output
+        ranked = logits.detach().reshape(-1, logits.shape[-1]).sort(dim=-1, descending=True).values
+        gaps.append((ranked[:, k - 1] - ranked[:, k]).min().item())
+
+    for _, router in find_routers(model):
+        router.register_forward_hook(hook)
+    return gaps
 
 
 def build_dho(args: dict, snapshot):
