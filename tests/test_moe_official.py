@@ -310,3 +310,54 @@ def test_llava_moe_student_whose_text_model_returns_router_logits_trains(tmp_pat
     assert trainer.model.config.text_config.output_router_logits is False
     trainer.train()
     assert len(logged(trainer, "moe_aux_loss")) == 2 and len(logged(trainer, "moe_dropped")) == 2
+
+
+def test_preference_stage_takes_the_same_official_options(tmp_path):
+    from test_preference_trainer import config as preference_config, preference_rows, reference_logps
+    from utils import make_tokenizer
+
+    from llmkd import PreferenceDistillTrainer
+    from llmkd.losses import kto_pair_loss
+
+    tokenizer = make_tokenizer()
+    student = upcycle_to_moe(tiny_llama(len(tokenizer), 32, seed=1))
+    teacher = tiny_llama(len(tokenizer), 48, seed=2)
+    trainer = PreferenceDistillTrainer(
+        model=student, teacher_model=teacher, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(preference_rows(16, 0)),
+        args=preference_config(tmp_path, aux_loss_coef=0.5, max_steps=3, aux_loss_type="deepspeed_top2",
+                               second_expert_sampling=True, capacity_factor=1.5))
+    assert trainer.router_monitor.routing is not None
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer.model.eval()  # deterministic routing: the loss is the formula with the DeepSpeed aux of padding-free rows
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        pc, pr, rc, rr = reference_logps(student, teacher, batch)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        router_logits = student(**inputs, output_router_logits=True).router_logits
+    aux = deepspeed_top2_aux_loss(list(router_logits), batch["attention_mask"])
+    torch.testing.assert_close(loss, kto_pair_loss(pc, pr, rc, rr, 0.1).mean() + 0.5 * aux, rtol=1e-5, atol=1e-6)
+    trainer.model.train()
+    trainer.train()
+    assert "moe_dropped" in trainer.state.log_history[0] and "moe_aux_loss" in trainer.state.log_history[0]
+
+
+def test_the_official_tiny_recipe_runs_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    common = ["--logging_steps", "1", "--report", "false", "--max_steps", "3"]
+    for recipe, out, extra in (("tiny-llm-d2d", "d2d", []),
+                               ("tiny-llm-d2s-official", "d2s", ["--model_name_or_path", str(tmp_path / "d2d")])):
+        result = subprocess.run([sys.executable, "-m", "llmkd", "train", "--config", f"recipes/moe/{recipe}.yaml",
+                                 "--output_dir", str(tmp_path / out), *common, *extra], capture_output=True,
+                                text=True, env=env, cwd=root, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "moe_dropped" in result.stdout + result.stderr
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "d2s")  # a standard transformers MoE, no custom code
+    assert type(model).__name__ == "Qwen2MoeForCausalLM" and model.config.num_experts_per_tok == 2
