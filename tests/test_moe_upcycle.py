@@ -95,7 +95,17 @@ def test_upcycled_model_generates_like_the_dense_model():
     moe = upcycle_to_moe(dense).eval()
     prompt = tokens()[:1, :4]
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(moe.generate(prompt, **kwargs), dense.generate(prompt, **kwargs))
+    generated = dense.generate(prompt, **kwargs)
+    # The two models' logits agree to ~1e-6 (float32 rounding of the expert mixture), so their greedy choices agree
+    # wherever the largest logit leads the next by more than twice that: checked on the dense model's sequence,
+    # teacher-forced, so that the precondition is asserted rather than hoped for, then the generations compared.
+    with torch.no_grad():
+        dense_logits, moe_logits = dense(generated).logits, moe(generated).logits
+    torch.testing.assert_close(moe_logits, dense_logits, rtol=0, atol=1e-5)
+    steps = dense_logits[0, prompt.shape[1] - 1:-1]
+    top2 = steps.topk(2, dim=-1).values
+    assert bool(((top2[:, 0] - top2[:, 1]) > 2e-5).all()), f"a near-tie in the greedy choice: {top2}"
+    assert torch.equal(moe.generate(prompt, **kwargs), generated)
 
 
 def test_llava_language_model_is_upcycled_and_vision_parts_copied(tmp_path):
