@@ -16,6 +16,9 @@ Stages:
   train; attention, norms, embeddings and lm_head stay frozen.
 In both stages the all-zero shared expert that upcycling to Qwen2-MoE adds (see :mod:`llmkd.models.moe`) stays
 frozen at zero.
+
+The official code's MoE training (DeepSpeed's top-2 aux loss, a Gumbel-sampled second expert, capacity dropping)
+is available through :class:`MoEStudentFields` (docs/MOE.md, "Differences from the official code").
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ class MoEStudentFields:
             training with any transformers tool optimises the same thing; or ``deepspeed_top2`` — the official
             formula, per layer E²·mean(me·ce) with ce the top-1 share, SUMMED over the sparse layers (1 per layer at
             balance: 12 for a 12-sparse-layer student, about ``num_sparse_layers / top_k`` times the balancing
-            gradient at the same coefficient).
+            gradient at the same coefficient). The official d2s stage adds that term twice (inside the model's CE
+            and again in the trainer): ``aux_loss_coef=0.02`` reproduces it; llmkd never doubles it itself.
         aux_loss_mask_padding: leave padding rows out of the aux loss (True, default). The official code counts
             every row, padding included (False), but ran one sequence per device, so it had no padding: masking
             gives its value on such batches and keeps padding from moving the loss on batched ones.
