@@ -122,7 +122,13 @@ def install(venv: Path, mode: str) -> Path:
     torch = os.environ.get("LLMKD_TORCH", "torch==2.13.0")
     if subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode != 0:
         run([str(python), "-m", "pip", "install", "--quiet", *shlex.split(torch)])
-    requirements = direct_requirements()
+    # torch stays the build installed above (a CPU or a CUDA build): every upgrade below is constrained to it,
+    # otherwise pip's eager upgrade of torch's dependents would replace it with the newest (CUDA) build
+    installed_torch = subprocess.run([str(python), "-c", "import torch; print(torch.__version__)"], check=True,
+                                     capture_output=True, text=True).stdout.strip()
+    pin = venv / "torch-constraint.txt"
+    pin.write_text(f"torch=={installed_torch}\n")
+    requirements = [r for r in direct_requirements() if canonical(re.split(r"[<>=!~\[ ;]", r)[0]) != "torch"]
     if mode == "lowest":
         requirements = lowest_pins(requirements)
     elif mode == "unbounded":
@@ -130,7 +136,7 @@ def install(venv: Path, mode: str) -> Path:
     env = dict(os.environ, DS_BUILD_OPS="0")
     upgrade = [] if mode == "lowest" else ["--upgrade", "--upgrade-strategy", "eager"]
     # the requirements first (so --lowest pins hold), then llmkd itself without re-resolving its dependencies
-    run([str(python), "-m", "pip", "install", "--quiet", *upgrade, *requirements], env=env)
+    run([str(python), "-m", "pip", "install", "--quiet", "-c", str(pin), *upgrade, *requirements], env=env)
     run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(ROOT)], env=env)
     # Liger's chunked losses run on CPU without its triton dependency (as scripts/setup.sh installs them)
     liger = [r for r in direct_requirements(("liger",)) if canonical(re.split(r"[<>=\[ ]", r)[0]) == "liger-kernel"]
