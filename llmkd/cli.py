@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
               "  eval        --model PATH [--teacher PATH] --tasks T1,T2 [--limit N]   benchmarks and retention\n"
               "  publish     OUTPUT_DIR --repo-id ORG/NAME [--private] [--revision B]  upload with a model card\n"
               "  upcycle     --model PATH --output_dir DIR [--num_experts 4]   dense model -> MoE (LLaVA-MoD)\n"
-              "  quickstart  [--output_dir DIR] [--method taid]          offline demo on a laptop CPU (< 5 min)")
+              "  quickstart  [--output_dir DIR] [--method kd|taid]       offline demo on a laptop CPU (< 5 min)")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"llmkd: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
