@@ -49,6 +49,11 @@ def _train(argv: list[str]) -> int:
         from .report import finish_run
 
         finish_run(trainer, method, push=push)  # llmkd_run.json, eval_tasks, report.html, README.md, push_to_hub
+    # Every rank waits for the main process's finishing work, then the process group is torn down: a rank that
+    # exited with its communication threads alive was seen to abort ("terminate called without an active
+    # exception") under a 2-process ZeRO-3 launch.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return 0
 
 
