@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import signal
@@ -44,10 +43,12 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+# the llmkd source of this checkout (on the GPU machine llmkd is not installed: it travels as source)
+sys.path[:0] = [SCRIPTS, os.path.dirname(SCRIPTS)]
 from bench_step import BENCHMARKS, write_section  # noqa: E402
-
-SPEED_MODES = ("floor", "floor_fused", "kd", "taid", "cache", "gkd", "distillation")
+from gpu_check_common import log  # noqa: E402
+from gpu_check_speed import MODES as SPEED_MODES  # noqa: E402
 LLMKD_MODES = ("floor_fused", "kd", "taid", "cache")
 MODE_NAMES = {
     "floor": "floor: teacher fwd with head, student fwd+bwd with the model's CE, AdamW",
@@ -62,10 +63,6 @@ RESULT = "GPU_CHECK_RESULT "  # the prefix of a worker's result line on stdout
 PACKAGES = ("torch", "transformers", "accelerate", "trl", "datasets", "peft", "liger-kernel", "triton", "safetensors",
             "tokenizers", "pyarrow", "huggingface-hub")
 STARTED = time.monotonic()
-
-
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - STARTED:6.1f}s gpu_check] {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------- workers
@@ -246,21 +243,27 @@ def targets_table(result: dict) -> list[str]:
     return lines + [""]
 
 
-def machine_line(environments: list[dict]) -> str:
-    import platform
+def package_versions() -> str:
+    """The versions this Python would import (a package from --target /tmp/site first, through PYTHONPATH)."""
     from importlib import metadata
 
-    environment = next((e for e in environments if e), {})
     versions = []
     for package in PACKAGES:
         try:
             versions.append(f"{package} {metadata.version(package)}")
         except metadata.PackageNotFoundError:
             versions.append(f"{package} absent")
+    return ", ".join(versions)
+
+
+def machine_line(environments: list[dict]) -> str:
+    import platform
+
+    environment = next((e for e in environments if e), {})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
     return (f"Machine: {environment.get('device', 'unknown')}, {os.cpu_count()} CPU cores; Python "
-            f"{platform.python_version()}, CUDA {environment.get('cuda')}, {', '.join(versions)}; llmkd at "
+            f"{platform.python_version()}, CUDA {environment.get('cuda')}, {package_versions()}; llmkd at "
             f"{commit}; {time.strftime('%Y-%m-%d')}.")
 
 
@@ -342,7 +345,7 @@ def main(argv=None) -> int:
         return 0
     budget = Budget(args.time_budget_s)
     log(f"{'smoke run on the CPU' if args.smoke else 'GPU run'}: parts {args.parts}, time budget "
-        f"{args.time_budget_s:.0f} s")
+        f"{args.time_budget_s:.0f} s; {package_versions()}")
     correctness = correctness_part(args, budget) if "correctness" in args.parts else {}
     speed = speed_part(args, budget) if "speed" in args.parts else {}
     lines = section(args, correctness, speed)

@@ -3,7 +3,8 @@ of every mode, at real shapes (a Qwen2.5-0.5B-shaped student, a Qwen2.5-7B-shape
 
 Every mode trains every position of ``batch`` rows of ``seq`` random tokens, in bf16 weights under the Trainer's
 ``bf16=True`` autocast (the hand-written loops open the same autocast), with fused AdamW (the Trainer's default),
-no gradient clipping, no gradient checkpointing:
+no gradient clipping, no gradient checkpointing, PyTorch's default matmul precision (float32 products in full
+float32, no TF32: what a user gets):
 
 - ``floor``: the teacher's forward with its head (logits computed, then dropped), the student's forward and
   backward with the model's own cross-entropy (``labels=``: transformers upcasts the logits to float32), AdamW.
@@ -37,7 +38,6 @@ from bench_step import _common, _rows, _tokenizer  # the step benchmark's token 
 from gpu_check_common import log
 
 MODES = ("floor", "floor_fused", "kd", "taid", "cache", "gkd", "distillation")
-LLMKD_MODES = ("floor_fused", "kd", "taid", "cache")
 PROMPT_TOKENS = 8  # TRL's trainers take a prompt and a completion: every row is 8 prompt tokens + the rest
 
 
@@ -115,6 +115,9 @@ def fused_ce_loss(setup: Setup):
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
             liger = LigerFusedLinearCrossEntropyLoss()
+            probe = torch.randn(8, 16, device=setup.device, dtype=setup.dtype, requires_grad=True)
+            liger(torch.randn(32, 16, device=setup.device, dtype=setup.dtype), probe,
+                  torch.arange(8, device=setup.device)).backward()  # its kernels compile and run here, or not at all
 
             def liger_loss(ids):
                 with torch.no_grad():
@@ -124,7 +127,7 @@ def fused_ce_loss(setup: Setup):
 
             return "Liger-Kernel LigerFusedLinearCrossEntropyLoss", liger_loss
         except Exception as error:  # noqa: BLE001 - reported in the table
-            reason = f"Liger-Kernel did not import: {type(error).__name__}: {error}"[:160]
+            reason = f"Liger-Kernel did not run: {type(error).__name__}: {error}"[:160]
     log(f"stronger floor: llmkd's engine at kd_ratio 0 ({reason})")
     teacher_head = setup.teacher.get_output_embeddings()
     fkl = get_divergence("fkl")
@@ -354,7 +357,6 @@ def measure(mode: str, shapes: dict, device, batch: int | None) -> dict:
     until it runs."""
     import torch
 
-    common.set_exact_float32()
     setup = Setup(shapes, device, torch.bfloat16, equal_vocab=mode in ("gkd", "distillation"))
     peak, gpu = common.peak_flops(device)
     notes = []
