@@ -47,7 +47,7 @@ SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 # the llmkd source of this checkout (on the GPU machine llmkd is not installed: it travels as source)
 sys.path[:0] = [SCRIPTS, os.path.dirname(SCRIPTS)]
 from bench_step import BENCHMARKS, write_section  # noqa: E402
-from gpu_check_common import log  # noqa: E402
+from gpu_check_common import SHAPES, log  # noqa: E402
 from gpu_check_speed import MODES as SPEED_MODES  # noqa: E402
 LLMKD_MODES = ("floor_fused", "kd", "taid", "cache")
 MODE_NAMES = {
@@ -78,7 +78,7 @@ def worker(args) -> None:
         import gpu_check_correctness
         import gpu_check_trainers
 
-        common.set_exact_float32()
+        common.set_full_precision_products()
         rows = gpu_check_correctness.engine_rows(common.SHAPES[shape_name], device, args.inject_fault)
         rows += gpu_check_trainers.trainer_rows(common.SHAPES[shape_name], device)
     else:
@@ -185,11 +185,22 @@ def correctness_table(result: dict) -> list[str]:
     return lines + [""]
 
 
+def time_ratio(row: dict, base: dict) -> float | None:
+    """``row``'s step time over ``base``'s at the same batch; at different batches (one ran out of memory) the
+    inverse ratio of their tokens per second; None when either did not run."""
+    if "sec_per_step" not in row or "sec_per_step" not in base:
+        return None
+    if row["batch"] == base["batch"]:
+        return row["sec_per_step"] / base["sec_per_step"]
+    return base["tokens_per_s"] / row["tokens_per_s"]
+
+
 def speed_table(result: dict, smoke: bool) -> list[str]:
     rows = {row["mode"]: row for row in result["rows"]}
     base = rows.get("floor_fused", {})
     lines = ["| mode | batch | sec/step | tokens/s | peak memory (GiB) | MFU | time / stronger floor | "
              "memory - stronger floor (GiB) |", "|---|---|---|---|---|---|---|---|"]
+    # at another batch than the stronger floor's (out of memory), time compares by tokens/s and memory not at all
     for mode in SPEED_MODES:
         row = rows.get(mode)
         if row is None:
@@ -200,8 +211,9 @@ def speed_table(result: dict, smoke: bool) -> list[str]:
             lines.append(f"| {name} | {'failed' if 'failed' in row else 'skipped'}: {reason} | | | | | | |")
             continue
         mfu = "-" if row.get("mfu") is None else f"{100 * row['mfu']:.1f}%"
-        ratio = f"{row['sec_per_step'] / base['sec_per_step']:.2f}x" if "sec_per_step" in base else "-"
-        extra = f"{row['peak_gib'] - base['peak_gib']:+.2f}" if "peak_gib" in base else "-"
+        ratio = time_ratio(row, base)
+        ratio = "-" if ratio is None else f"{ratio:.2f}x"
+        extra = f"{row['peak_gib'] - base['peak_gib']:+.2f}" if base.get("batch") == row["batch"] else "-"
         notes = f" ({'; '.join(row['notes'])})" if row.get("notes") and mode != "floor" else ""
         lines.append(f"| {name} | {row['batch']}{notes} | {row['sec_per_step']:.3f} | {row['tokens_per_s']:.0f} | "
                      f"{row['peak_gib']:.2f} | {mfu} | {ratio} | {extra} |")
@@ -224,16 +236,12 @@ def targets_table(result: dict) -> list[str]:
         else:
             lines.append(f"| {target} | {value:.2f}{unit} | {'yes' if value <= limit else '**no**'} |")
 
-    def ratio(mode, base, key="sec_per_step"):
-        if mode in rows and base in rows and rows[mode]["batch"] == rows[base]["batch"]:
-            return rows[mode][key] / rows[base][key]
-        if mode in rows and base in rows:  # different batches (out of memory): compare throughput
-            return rows[base]["tokens_per_s"] / rows[mode]["tokens_per_s"]
-        return None
+    def ratio(mode, base):
+        return time_ratio(rows.get(mode, {}), rows.get(base, {}))
 
     for mode, name in (("kd", "forward KL"), ("taid", "TAID")):
         add(f"{name}: time <= 1.15x the stronger floor's", ratio(mode, "floor_fused"), 1.15)
-        if mode in rows and "floor_fused" in rows:
+        if mode in rows and "floor_fused" in rows and rows[mode]["batch"] == rows["floor_fused"]["batch"]:
             budget = rows["floor_fused"]["peak_gib"] + rows[mode].get("chunk_buffers_gib", 0.0)
             add(f"{name}: peak memory <= the stronger floor's + one chunk's buffers "
                 f"({rows[mode].get('chunk_buffers_gib', 0.0):.2f} GiB)", rows[mode]["peak_gib"] / budget, 1.0)
@@ -274,9 +282,11 @@ def section(args, correctness: dict, speed: dict) -> list[str]:
     if correctness:
         lines += correctness_table(correctness)
     if speed:
-        lines += ["Steps (bf16, sequence %s; median of the measured steps after the warm-up):" % (
-                  "48" if args.smoke else "2048"), "", *speed_table(speed, args.smoke)]
-        lines += ["Targets of issue 17 at these shapes:", "", *targets_table(speed)]
+        shapes = SHAPES["smoke" if args.smoke else "gpu"]
+        lines += [f"Steps (bf16, sequence {shapes['seq']}; median of {shapes['steps']} measured steps after "
+                  f"{shapes['warmup']} warm-up):", "", *speed_table(speed, args.smoke)]
+        lines += ["Targets of issue 17 at these shapes (time ratios: step times at the same batch, below 1 is faster; "
+                  "at different batches the inverse ratio of tokens per second):", "", *targets_table(speed)]
     return lines
 
 

@@ -69,12 +69,15 @@ def pick_device(smoke: bool):
     return torch.device("cuda")
 
 
-def set_exact_float32() -> None:
-    """IEEE float32 matrix products (no TF32), so that the float32 tolerances hold on any GPU."""
+def set_full_precision_products() -> None:
+    """Matrix products as the correctness bounds assume them: float32 ones in IEEE float32 (no TF32), bfloat16 ones
+    accumulated in float32 (cuBLAS may otherwise reduce split-K partial sums in bfloat16, which PyTorch allows by
+    default: a property of the library's kernels, not of llmkd's code)."""
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 
 
 def build_causal_lm(config_kwargs: dict, dtype, device, seed: int, seq: int, family: str = "qwen2"):

@@ -11,8 +11,10 @@ The reference and what it leaves out. It takes the same (rounded) inputs, comput
 them to the input dtype, as the projection does (its output has the input's dtype), with the gradient passed
 straight through the rounding; everything after that is float64. What the engine does beyond that is float32
 arithmetic (unit roundoff ``u32 = 2^-24``) and, in bfloat16 (8 bits of mantissa: ``u = 2^-8``), the rounding of the
-logits' gradient ``G`` and of the returned gradients to bfloat16. ``u`` below is the input dtype's unit roundoff
-(``2^-24`` or ``2^-8``); ``H`` the hidden size, ``V`` the vocabulary, ``N`` the tokens.
+logits' gradient ``G`` and of the returned gradients to bfloat16 (this part runs with TF32 and cuBLAS's
+reduced-precision bfloat16 reductions off: :func:`gpu_check_common.set_full_precision_products`). ``u`` below is
+the input dtype's unit roundoff (``2^-24`` or ``2^-8``); ``H`` the hidden size, ``V`` the vocabulary, ``N`` the
+tokens.
 
 - Values (a sum over tokens, or the loss): ``|a - e| <= u32 * (8 log2(V) * S1 + 12 sqrt(H) * S2)``, with
   ``S1 = sum_n (max_v |z_s| + max_v |z_t| + log V)``: each token's value comes out of a few row reductions over V whose
@@ -109,7 +111,7 @@ def make_problem(shapes: dict, dtype, device, seed: int) -> dict:
     n = shapes["engine"]["tokens"]
     h_s, h_t = shapes["student"]["hidden_size"], shapes["teacher"]["hidden_size"]
     v_s, v_t = shapes["student"]["vocab_size"], shapes["teacher"]["vocab_size"]
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
 
     def normal(*size, scale=1.0):
         return (torch.randn(*size, generator=generator, device=device) * scale).to(dtype)
