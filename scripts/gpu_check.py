@@ -59,7 +59,7 @@ MODE_NAMES = {
     "gkd": "TRL GKDTrainer (lmbda=0, beta=0)",
     "distillation": "TRL DistillationTrainer (beta=0, completions from the data)",
 }
-RESULT = "GPU_CHECK_RESULT "  # the prefix of a worker's result line on stdout
+ROW, RESULT = "GPU_CHECK_ROW ", "GPU_CHECK_RESULT "  # a worker's lines on stdout: each row when done, then the end
 PACKAGES = ("torch", "transformers", "accelerate", "trl", "datasets", "peft", "liger-kernel", "triton", "safetensors",
             "tokenizers", "pyarrow", "huggingface-hub")
 STARTED = time.monotonic()
@@ -67,7 +67,8 @@ STARTED = time.monotonic()
 
 # --------------------------------------------------------------------------------------------------- workers
 def worker(args) -> None:
-    """A part's process: its rows as one JSON line on stdout."""
+    """A part's process: each row as one JSON line on stdout as soon as it is done (a part stopped at its time limit
+    keeps the rows it finished), then its environment."""
     import torch
 
     import gpu_check_common as common
@@ -75,37 +76,46 @@ def worker(args) -> None:
     shape_name = "smoke" if args.smoke else "gpu"
     device = common.pick_device(args.smoke)
     if args.worker == "correctness":
+        import itertools
+
         import gpu_check_correctness
         import gpu_check_trainers
 
         common.set_full_precision_products()
-        rows = gpu_check_correctness.engine_rows(common.SHAPES[shape_name], device, args.inject_fault)
-        rows += gpu_check_trainers.trainer_rows(common.SHAPES[shape_name], device)
+        rows = itertools.chain(gpu_check_correctness.engine_rows(common.SHAPES[shape_name], device, args.inject_fault),
+                               gpu_check_trainers.trainer_rows(common.SHAPES[shape_name], device))
     else:
         import gpu_check_speed
 
         rows = gpu_check_speed.run_modes(args.worker_modes, shape_name, args.smoke, args.batch)
+    for row in rows:
+        print(ROW + json.dumps(row), flush=True)
     environment = {"device": common.peak_flops(device)[1], "torch": torch.__version__,
                    "cuda": torch.version.cuda, "threads": torch.get_num_threads()}
-    print(RESULT + json.dumps({"rows": rows, "environment": environment}), flush=True)
+    print(RESULT + json.dumps(environment), flush=True)
 
 
 def run_worker(args, arguments: list[str], limit_s: float) -> dict:
-    """Run ``gpu_check.py --worker ...`` with ``limit_s`` seconds; its result, or ``{"failed": reason}``."""
+    """Run ``gpu_check.py --worker ...`` for at most ``limit_s`` seconds: ``{"rows": [...], "environment": {...}}``,
+    with ``"failed": reason`` (and ``"timed_out": True``) when it did not finish; ``rows`` holds what it finished."""
     command = [sys.executable, os.path.abspath(__file__), *arguments] + (["--smoke"] if args.smoke else [])
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", PYTHONUNBUFFERED="1",
                TOKENIZERS_PARALLELISM="false")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    outcome = {}
     try:
         stdout, _ = process.communicate(timeout=max(limit_s, 1.0))
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        return {"failed": f"ran past its time limit of {limit_s:.0f} s", "timed_out": True}
-    lines = [line for line in stdout.splitlines() if line.startswith(RESULT)]
-    if process.returncode != 0 or not lines:
-        return {"failed": f"exit status {process.returncode} (its traceback is in the log above)"}
-    return json.loads(lines[-1][len(RESULT):])
+        stdout, _ = process.communicate()
+        outcome = {"failed": f"ran past its time limit of {limit_s:.0f} s", "timed_out": True}
+    lines = stdout.splitlines()
+    outcome["rows"] = [json.loads(line[len(ROW):]) for line in lines if line.startswith(ROW)]
+    ends = [json.loads(line[len(RESULT):]) for line in lines if line.startswith(RESULT)]
+    outcome["environment"] = ends[-1] if ends else {}
+    if "failed" not in outcome and (process.returncode != 0 or not ends):
+        outcome["failed"] = f"exit status {process.returncode} (its traceback is in the log above)"
+    return outcome
 
 
 class Budget:
@@ -122,11 +132,9 @@ def correctness_part(args, budget: Budget) -> dict:
     log("correctness: the engine and the dense path against float64, then one step of each trainer")
     result = run_worker(args, ["--worker", "correctness"] + (["--inject_fault"] if args.inject_fault else []),
                         min(args.correctness_timeout_s, budget.left()))
-    if "failed" in result:
-        log(f"correctness: FAILED to finish: {result['failed']}")
-    else:
-        failed = [row for row in result["rows"] if not row["passed"]]
-        log(f"correctness: {len(result['rows']) - len(failed)}/{len(result['rows'])} checks passed")
+    failed = [row for row in result["rows"] if not row["passed"]]
+    log(f"correctness: {len(result['rows']) - len(failed)}/{len(result['rows'])} checks passed"
+        + (f"; the part did not finish: {result['failed']}" if "failed" in result else ""))
     return result
 
 
@@ -140,18 +148,18 @@ def speed_part(args, budget: Budget) -> dict:
             rows += [{"mode": m, "skipped": f"the time budget (--time_budget_s {args.time_budget_s:g}) was spent"}
                      for m in group]
             continue
-        log(f"speed: {', '.join(group)} (limit {min(args.mode_timeout_s, left):.0f} s)")
+        limit = min(args.mode_timeout_s * len(group), left)
+        log(f"speed: {', '.join(group)} (limit {limit:.0f} s)")
         arguments = ["--worker", "speed", "--worker_modes", *group] + ([f"--batch={batch}"] if batch else [])
-        result = run_worker(args, arguments, min(args.mode_timeout_s * len(group), left))
-        if "failed" in result:
-            key = "skipped" if result.get("timed_out") else "failed"
-            rows += [{"mode": m, key: result["failed"]} for m in group]
-            continue
-        environment = result["environment"]
+        result = run_worker(args, arguments, limit)
+        environment = result["environment"] or environment
+        finished = {row["mode"] for row in result["rows"]}
         for row in result["rows"]:
             if row["mode"] == "floor" and "batch" in row:
                 batch = row["batch"]
             rows.append(row)
+        key = "skipped" if result.get("timed_out") else "failed"
+        rows += [{"mode": m, key: result["failed"]} for m in group if m not in finished and "failed" in result]
     return {"rows": rows, "environment": environment}
 
 
@@ -162,11 +170,11 @@ def cell(row: dict) -> str:
 
 
 def correctness_table(result: dict) -> list[str]:
-    if "failed" in result:
-        return [f"Correctness: **did not finish** ({result['failed']}).", ""]
     rows = result["rows"]
     failed = sum(not row["passed"] for row in rows)
-    lines = [f"Correctness: {len(rows) - failed} of {len(rows)} checks passed. Each cell is the largest error / bound "
+    unfinished = f" **The part did not finish** ({result['failed']}): the rows below are those it finished." \
+        if "failed" in result else ""
+    lines = [f"Correctness: {len(rows) - failed} of {len(rows)} checks passed.{unfinished} Each cell is the largest error / bound "
              "over the compared quantities (loss, metric sums, gradients of the hidden states and the head; the "
              "trainer rows compare the chunked and the dense path of the trainer itself, then take one optimizer "
              "step), with the quantity that came closest; <= 1 passes. Bounds: the docstrings of "

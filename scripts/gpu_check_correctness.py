@@ -389,24 +389,38 @@ def cap_matters_row(case: Case, dtype, problem: dict, ref: dict, teacher) -> dic
             "path": "reference", "passed": shift > 100, "worst": "loss", "ratio": shift, "ratios": {"loss": shift}}
 
 
-def engine_rows(shapes: dict, device, inject_fault: bool) -> list[dict]:
-    """Every case in float32 and bfloat16, the chunked and the dense path: one summary row each."""
+def case_rows(case: Case, index: int, problem: dict, dtype, chunk: int | None, inject_fault: bool) -> list[dict]:
+    """One case's rows: the chunked and the dense path against the reference (and whether the cap matters)."""
     from llmkd.losses import chunked_distillation_loss, dense_distillation_loss
 
+    teacher = sparse_teacher(problem, case) if case.cached else None
+    ref = reference(problem, case, dtype, teacher)
     rows = []
+    for path, engine in (("chunked", chunked_distillation_loss), ("dense", dense_distillation_loss)):
+        fault = 1.25 if inject_fault and index == 0 and path == "chunked" else 1.0
+        out, grad_hidden, grad_weight = run_path(engine, problem, case, chunk, teacher)
+        rows.append(summary_row(case, dtype, path, compare(out, grad_hidden, grad_weight, ref, fault)))
+    if case.caps != (None, None):
+        rows.append(cap_matters_row(case, dtype, problem, ref, teacher))
+    return rows
+
+
+def engine_rows(shapes: dict, device, inject_fault: bool):
+    """Every case in float32 and bfloat16, the chunked and the dense path: yields one summary row each (a case
+    that raises gives failed rows, and the others still run)."""
+    import traceback
+
     for dtype in (torch.float32, torch.bfloat16):
         problem = make_problem(shapes, dtype, device, seed=0)
         for index, case in enumerate(CASES):
-            teacher = sparse_teacher(problem, case) if case.cached else None
-            ref = reference(problem, case, dtype, teacher)
-            for path, engine in (("chunked", chunked_distillation_loss), ("dense", dense_distillation_loss)):
-                fault = 1.25 if inject_fault and index == 0 and path == "chunked" else 1.0
-                out, grad_hidden, grad_weight = run_path(engine, problem, case, shapes["engine"]["chunk"], teacher)
-                rows.append(summary_row(case, dtype, path, compare(out, grad_hidden, grad_weight, ref, fault)))
-            if case.caps != (None, None):
-                rows.append(cap_matters_row(case, dtype, problem, ref, teacher))
+            try:
+                rows = case_rows(case, index, problem, dtype, shapes["engine"]["chunk"], inject_fault)
+            except Exception as error:  # noqa: BLE001 - reported as failed rows
+                traceback.print_exc()
+                rows = [{"check": case.name, "dtype": str(dtype).replace("torch.", ""), "path": path,
+                         "passed": False, "worst": "error", "ratio": math.inf, "ratios": {},
+                         "error": f"{type(error).__name__}: {error}"[:300]} for path in ("chunked", "dense")]
             log(f"{case.name} [{dtype}]: " + ", ".join(
-                f"{row['path']} {row['ratio']:.3g} ({row['worst']})" for row in rows[-2:]))
-            del ref
+                f"{row['path']} {row['ratio']:.3g} ({row['worst']})" for row in rows))
+            yield from rows
             common.release_memory(device)
-    return rows

@@ -386,13 +386,13 @@ def measure(mode: str, shapes: dict, device, batch: int | None) -> dict:
     return row
 
 
-def run_modes(modes: list[str], shape_name: str, smoke: bool, batch: int | None) -> list[dict]:
-    """The worker of ``gpu_check.py --worker speed``: each mode's row (a failure is a row too)."""
+def run_modes(modes: list[str], shape_name: str, smoke: bool, batch: int | None):
+    """The worker of ``gpu_check.py --worker speed``: yields each mode's row when it is done (a failure is a row
+    too)."""
     import traceback
 
     shapes = common.SHAPES[shape_name]
     device = common.pick_device(smoke)
-    rows = []
     for mode in modes:
         try:
             row = measure(mode, shapes, device, batch)
@@ -401,7 +401,6 @@ def run_modes(modes: list[str], shape_name: str, smoke: bool, batch: int | None)
             row = {"mode": mode, "failed": f"{type(error).__name__}: {error}"[:300]}
         if mode == "floor" and "batch" in row:
             batch = row["batch"]
-        rows.append(row)
+        yield row
         with contextlib.suppress(Exception):
             common.release_memory(device)
-    return rows

@@ -158,10 +158,9 @@ def cap_ratio(student) -> dict:
     return {"cap": (GEMMA_CAP / 2) / largest}
 
 
-def trainer_rows(shapes: dict, device) -> list[dict]:
-    """Every trainer case in float32 and bfloat16: one row each (ratios <= 1 pass)."""
+def trainer_rows(shapes: dict, device):
+    """Every trainer case in float32 and bfloat16: yields one row each (ratios <= 1 pass)."""
     small = shapes["small"]
-    rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for case in TRAINER_CASES:
             row = {"check": case, "dtype": str(dtype).replace("torch.", ""), "path": "trainer step"}
@@ -179,6 +178,5 @@ def trainer_rows(shapes: dict, device) -> list[dict]:
             row.update(passed=all(r <= 1.0 for r in ratios.values()), worst=worst, ratio=ratios[worst],
                        ratios=ratios)
             log(f"{case} [{dtype}]: " + ", ".join(f"{k} {v:.3g}" for k, v in ratios.items()))
-            rows.append(row)
+            yield row
             common.release_memory(device)
-    return rows
