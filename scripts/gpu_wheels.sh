@@ -46,9 +46,8 @@ total=$((wheel_bytes + tree_bytes))
 limit=$((LIMIT_MIB * 1024 * 1024))
 echo "wheels ($(ls "$DEST" | wc -l)):"
 ls -1 "$DEST" | sed 's/^/  /'
-printf 'wheels %.1f MiB + working tree %.1f MiB = %.1f MiB (limit %d MiB)\n' \
-  "$(echo "$wheel_bytes / 1048576" | bc -l)" "$(echo "$tree_bytes / 1048576" | bc -l)" \
-  "$(echo "$total / 1048576" | bc -l)" "$LIMIT_MIB"
+awk -v w="$wheel_bytes" -v t="$tree_bytes" -v l="$LIMIT_MIB" \
+  'BEGIN {printf "wheels %.1f MiB + working tree %.1f MiB = %.1f MiB (limit %d MiB)\n", w / 2^20, t / 2^20, (w + t) / 2^20, l}'
 if [ "$total" -gt "$limit" ]; then
   echo "over the $LIMIT_MIB MiB the device tool carries: drop a wheel or shrink the tree" >&2
   exit 1
