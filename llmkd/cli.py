@@ -11,20 +11,87 @@ import sys
 logger = logging.getLogger("llmkd")
 
 
-def _train(argv: list[str]) -> int:
+METHOD_SUMMARIES = {
+    "kd": "DistillTrainer: any divergence (fkl, rkl, jsd, skew_fkl, skew_rkl, tvd) mixed with CE",
+    "taid": "TAIDTrainer: a target interpolated from the student to the teacher (docs/TAID.md)",
+    "sinkd": "SinKDTrainer: a Sinkhorn (optimal-transport) term beside KD and CE (docs/SINKD.md)",
+    "moe_mimic": "MoEMimicTrainer: LLaVA-MoD stage 1, d2d or d2s on an upcycled MoE student (docs/MOE.md)",
+    "preference": "PreferenceDistillTrainer: LLaVA-MoD stage 2, DPO / kto_pair with the teacher as reference",
+    "dho": "DHOTrainer: a CLIP teacher into a two-head image classifier (docs/DHO.md)",
+}
+RESUME_CHOICES = "a checkpoint folder, 'latest' (the newest complete checkpoint-N in output_dir; an error if none) " \
+                 "or 'auto' (the newest if there is one, else a fresh start)"
+
+
+def _train_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    methods = "\n".join(f"  {name:<11} {text}" for name, text in METHOD_SUMMARIES.items())
     parser = argparse.ArgumentParser(
-        prog="llmkd train", description="Distil a student from a teacher as a recipe says. Any config field can "
-        "be overridden: --learning_rate 1e-4 --max_steps 10.",
+        prog="llmkd train", add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Distil a student from a teacher as a recipe says. Any config field can be overridden: "
+                    "--learning_rate 1e-4 --max_steps 10.",
+        epilog=f"methods (the recipe's `method:`):\n{methods}\n\n"
+               "`llmkd train --method taid --help` lists the fields of that method's config (every "
+               "transformers.TrainingArguments field works too). Relative paths in a recipe are looked up in the "
+               "recipe's folder, then the current directory.",
     )
-    parser.add_argument("--config", required=True, help="The recipe YAML (method, models, data, config fields).")
-    parser.add_argument("--resume_from_checkpoint", default=None,
-                        help="A checkpoint folder, or 'latest' for the newest one in output_dir.")
-    known, overrides = parser.parse_known_args(argv)
+    parser.add_argument("--config", help="The recipe YAML (method, models, data, config fields).")
+    parser.add_argument("--method", default=None, help="With --help: list this method's config fields.")
+    parser.add_argument("--resume_from_checkpoint", default=None, help=RESUME_CHOICES + ".")
+    return parser
+
+
+def _print_fields(method: str) -> None:
+    import dataclasses
+
+    from transformers import TrainingArguments
 
     from .methods import method_entry
-    from .recipes import load_config
 
-    method, config = load_config(known.config, overrides)
+    config_class = method_entry(method).config_class
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    print(f"llmkd train, method {method}: {config_class.__name__} ({METHOD_SUMMARIES.get(method, '')})\n")
+    for f in dataclasses.fields(config_class):
+        if not f.init or f.name.startswith("_") or (f.name in base and f.default == getattr(
+                TrainingArguments, f.name, f.default)):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        print(f"  --{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+    print(f"\nplus every transformers.TrainingArguments field; the full manual: help({config_class.__name__}).")
+
+
+def _resume_target(resume: str | None, output_dir: str) -> str | None:
+    from .trainers.guards import last_complete_checkpoint
+
+    if resume not in ("latest", "auto"):
+        return resume
+    found = last_complete_checkpoint(output_dir)  # skips a checkpoint whose write did not finish
+    if found is None and resume == "latest":
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint latest: output_dir {output_dir!r} holds no complete checkpoint-N folder. "
+            "Drop the flag to start a new run, or use --resume_from_checkpoint auto to resume only if one exists.")
+    if found is None:
+        logger.info("--resume_from_checkpoint auto: no checkpoint in %s, starting a new run", output_dir)
+    return found
+
+
+def _train(argv: list[str]) -> int:
+    known, overrides = _train_parser(add_help=False).parse_known_args(argv)
+    if "-h" in overrides or "--help" in overrides:
+        if known.method:
+            _print_fields(known.method)
+        else:
+            _train_parser().print_help()
+        return 0
+    if not known.config:
+        raise RecipeUsageError("llmkd train needs --config RECIPE.yaml (see `llmkd train --help`).")
+
+    from .recipes import load_recipe
+
+    recipe = load_recipe(known.config, overrides, method=known.method)
+    method, config = recipe.method, recipe.config
+    from .methods import method_entry
+
     trainer_class = method_entry(method).trainer_class
     # push_to_hub: llmkd publishes once, after the evaluation and report, with its own card (llmkd.hub.publish),
     # instead of the Trainer creating the repository at start-up and uploading at every save.
@@ -34,27 +101,44 @@ def _train(argv: list[str]) -> int:
         from .evaluation import validate_tasks
 
         validate_tasks(config.eval_tasks)
+    resume = _resume_target(known.resume_from_checkpoint, config.output_dir)
     trainer = trainer_class(args=config)
-    resume = known.resume_from_checkpoint
-    if resume == "latest":
-        from .trainers.guards import last_complete_checkpoint
-
-        resume = last_complete_checkpoint(config.output_dir)  # skips a checkpoint whose write did not finish
+    if resume:
+        logger.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
+    written = None
     if trainer.accelerator.is_main_process:
-        shutil.copyfile(known.config, os.path.join(config.output_dir, "llmkd_recipe.yaml"))
+        from .recipes import write_effective_recipe
+
+        write_effective_recipe(recipe, config.output_dir, command="llmkd train " + " ".join(argv))
         if trainer.processing_class is not None:
             trainer.processing_class.save_pretrained(config.output_dir)
         from .report import finish_run
 
-        finish_run(trainer, method, push=push)  # llmkd_run.json, eval_tasks, report.html, README.md, push_to_hub
+        written = finish_run(trainer, method, push=push)  # llmkd_run.json, eval, report.html, README.md, push
     # Every rank waits for the main process's finishing work, then the process group is torn down: a rank that
     # exited with its communication threads alive was seen to abort ("terminate called without an active
     # exception") under a 2-process ZeRO-3 launch.
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
+    if written is not None:
+        print(_saved_line(config.output_dir, written), flush=True)
     return 0
+
+
+def _saved_line(output_dir: str, written: dict) -> str:
+    parts = [f"llmkd train: done. The student is in {os.path.abspath(output_dir)} (with llmkd_recipe.yaml to rerun "
+             "it)"]
+    if written.get("results"):
+        parts.append(f"evaluation: {os.path.join(output_dir, 'results.md')}")
+    if written.get("report"):
+        parts.append(f"report: {written['report']}")
+    if written.get("card"):
+        parts.append(f"card: {written['card']}")
+    if written.get("published"):
+        parts.append(f"published: {written['published'].get('commit_url', '')}")
+    return "; ".join(parts) + "."
 
 
 def _eval(argv: list[str]) -> int:
@@ -142,22 +226,99 @@ COMMANDS = {"train": _train, "cache-teacher": _cache_teacher, "eval": _eval, "pu
             "upcycle": _upcycle, "quickstart": _quickstart}
 
 
+USAGE = """usage: llmkd {train,cache-teacher,eval,publish,upcycle,quickstart} ... [--debug]
+  train       --config RECIPE.yaml [--field value ...]   distil as the recipe says (train --help: the methods)
+  cache-teacher --config RECIPE.yaml [--output_dir PATH] | --verify PATH   offline teacher top-k cache
+  eval        --model PATH [--teacher PATH] --tasks T1,T2 [--limit N]   benchmarks and retention
+  publish     OUTPUT_DIR --repo-id ORG/NAME [--private] [--revision B]  upload with a model card
+  upcycle     --model PATH --output_dir DIR [--num_experts 4]   dense model -> MoE (LLaVA-MoD)
+  quickstart  [--output_dir DIR] [--method kd|taid]       offline demo on a laptop CPU (about 3.5 min on 2 cores)
+A user error is reported in one line; --debug (or LLMKD_DEBUG=1) shows its traceback."""
+
+
+class RecipeUsageError(ValueError):
+    """The command line itself is incomplete (e.g. no --config)."""
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Errors about the user's input (reported in one line), as opposed to bugs (reported with a traceback):
+    llmkd's own error classes, invalid values (ValueError, from llmkd's or a library's validation) and missing
+    files."""
+    if type(error).__module__.startswith("llmkd."):
+        return True
+    return isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError, PermissionError))
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return f"{type(error).__name__}: {text}"
+
+
+def _offline_if_unreachable(argv: list[str]) -> None:
+    """``llmkd train``/``cache-teacher``: when the recipe names Hub models or data and the Hub cannot be reached,
+    use the local Hugging Face cache only (HF_HUB_OFFLINE=1) instead of a minute of connection retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes") or "--config" not in argv:
+        return
+    from .paths import hub_is_reachable, hub_names
+    from .recipes import parse_overrides, read_recipe
+
+    path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else None
+    if path is None or not os.path.isfile(path):
+        return  # the command reports it
+    try:
+        values = {**read_recipe(path), **parse_overrides([a for a in argv if a != "--config" and a != path])}
+    except ValueError:
+        return  # the command reports it
+    names = hub_names(values)
+    if names and not hub_is_reachable(values.get("hub_endpoint")):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        logger.warning("The Hugging Face Hub cannot be reached from this machine: %s will be read from the local "
+                       "Hugging Face cache only (HF_HUB_OFFLINE=1).", ", ".join(map(repr, names)))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    debug = "--debug" in argv or os.environ.get("LLMKD_DEBUG", "").strip() not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: llmkd {train,cache-teacher,eval,publish,upcycle,quickstart} ...\n"
-              "  train       --config RECIPE.yaml [--field value ...]   distil as the recipe says\n"
-              "  cache-teacher --config RECIPE.yaml [--output_dir PATH] | --verify PATH   offline teacher top-k cache\n"
-              "  eval        --model PATH [--teacher PATH] --tasks T1,T2 [--limit N]   benchmarks and retention\n"
-              "  publish     OUTPUT_DIR --repo-id ORG/NAME [--private] [--revision B]  upload with a model card\n"
-              "  upcycle     --model PATH --output_dir DIR [--num_experts 4]   dense model -> MoE (LLaVA-MoD)\n"
-              "  quickstart  [--output_dir DIR] [--method kd|taid]       offline demo on a laptop CPU (< 5 min)")
+        print(USAGE)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"llmkd: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    return COMMANDS[argv[0]](argv[1:])
+    command, rest = argv[0], argv[1:]
+    if "-h" not in rest and "--help" not in rest:
+        if not debug:
+            from .noise import quiet_known_noise
+
+            quiet_known_noise()
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if command in ("train", "cache-teacher"):
+            _offline_if_unreachable(rest)
+    try:
+        code = COMMANDS[command](rest)
+    except Exception as error:  # noqa: BLE001 - user errors in one line, bugs with their traceback
+        if debug or not is_user_error(error):
+            raise
+        print(f"llmkd {command}: {one_line(error)}  [traceback: --debug]", file=sys.stderr)
+        return 2
+    if code == 0 and command == "train":
+        _exit_launched_process()
+    return code
+
+
+def _exit_launched_process() -> None:
+    """End a finished rank of a multi-process launch at once. The run is complete and saved, every rank has
+    synchronised and the process group is destroyed; what is left is the interpreter's teardown, during which the
+    C++ destructors of the communication libraries were seen to abort a rank ("terminate called without an active
+    exception", about one 2-process ZeRO-3 launch in five on CPU), failing a launch whose work was done."""
+    from .launch import launched_world_size
+
+    if launched_world_size() > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

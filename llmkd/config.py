@@ -27,6 +27,13 @@ class RunOutputFields:
                                           "the step's gradients, count it as nonfinite_steps in the logs)."}
     )
 
+    def adapt_to_launcher(self) -> None:
+        """Settings a multi-process launch needs on a machine without a GPU (:mod:`llmkd.launch`); called by every
+        llmkd config's ``__post_init__`` before ``TrainingArguments`` reads them."""
+        from .launch import adapt_to_launcher
+
+        adapt_to_launcher(self)
+
     def check_run_outputs(self) -> None:
         """Validate the fields above (called by the configs' ``__post_init__``)."""
         if getattr(self, "hub_token", None):
@@ -117,7 +124,9 @@ class DistillConfig(ModelSourceFields, TrainingArguments):
         cache_shard_rows: dataset rows per cache shard (1024).
 
     Parameters that control the loss:
-        divergence: ``fkl`` (forward KL, Hinton KD), ``rkl``, ``jsd``, ``skew_fkl``, ``skew_rkl`` or ``tvd``.
+        divergence: ``fkl`` (forward KL, Hinton KD), ``rkl``, ``jsd``, ``skew_fkl``, ``skew_rkl`` or ``tvd``; the
+            long names are accepted too (``kl`` and ``forward_kl`` = ``fkl``, ``reverse_kl``, ``generalized_jsd``,
+            ``skew_forward_kl``, ``skew_reverse_kl``).
         temperature: softens both distributions; the divergence is multiplied by ``T^2``.
         jsd_beta: mixture weight of the generalized JSD (0 -> forward KL, 1 -> reverse KL).
         skew_alpha: skew coefficient of the skew KLs (DistiLLM, 0.1).
@@ -169,7 +178,9 @@ class DistillConfig(ModelSourceFields, TrainingArguments):
     cache_temperature: float = field(default=1.0, metadata={"help": "Temperature of the cached log-probs."})
     cache_shard_rows: int = field(default=1024, metadata={"help": "Dataset rows per cache shard."})
     # loss
-    divergence: str = field(default="fkl", metadata={"help": "fkl, rkl, jsd, skew_fkl, skew_rkl or tvd."})
+    divergence: str = field(default="fkl", metadata={
+        "help": "fkl, rkl, jsd, skew_fkl, skew_rkl or tvd (also accepted: kl and forward_kl = fkl, reverse_kl = rkl, "
+                "generalized_jsd = jsd, skew_forward_kl, skew_reverse_kl)."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature (loss scaled by T^2)."})
     jsd_beta: float = field(default=0.5, metadata={"help": "Generalized JSD mixture weight."})
     skew_alpha: float = field(default=0.1, metadata={"help": "Skew KL coefficient."})
@@ -187,6 +198,7 @@ class DistillConfig(ModelSourceFields, TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
 
     def __post_init__(self):
+        self.adapt_to_launcher()
         super().__post_init__()
         if self.task not in TASK_CHOICES:
             raise ValueError(f"task={self.task!r} is not one of {TASK_CHOICES}.")

@@ -273,12 +273,14 @@ def build_model_card(output_dir: str, repo_id: str | None = None, *, summary: di
     model_class, processing_class = _MODEL_KINDS[tag]
     lines += ["## Use", "", "```python"]
     if summary.get("method") == "dho":
-        lines.append("import llmkd  # registers the DualHeadModel class with transformers' Auto classes")
+        lines.append("from llmkd import DualHeadModel  # registers the class with transformers' Auto classes")
     lines += [f"from transformers import {model_class}, {processing_class}", "",
               f'model = {model_class}.from_pretrained("{repo_id or name}")',
               f'processor = {processing_class}.from_pretrained("{repo_id or name}")', "```", ""]
     if os.path.isfile(os.path.join(output_dir, RECIPE_FILE)):
-        lines += [f"The recipe that trained it is `{RECIPE_FILE}` (`llmkd train --config {RECIPE_FILE}`).", ""]
+        lines += [f"The recipe that trained it is `{RECIPE_FILE}`: its effective settings, command-line overrides "
+                  f"included (`llmkd train --config {RECIPE_FILE} --output_dir NEW_FOLDER` reruns it; local paths in "
+                  "it are those of the machine that trained it).", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 

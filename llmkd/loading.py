@@ -6,6 +6,7 @@ failure to load names the role (student/teacher), what was asked for, and what t
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 
@@ -22,6 +23,9 @@ from transformers import (
     BitsAndBytesConfig,
     PreTrainedModel,
 )
+
+from .paths import hub_is_reachable, looks_like_path
+from .models import dual_head as _dual_head  # noqa: F401  (registers DualHeadModel with the Auto classes)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -67,7 +71,8 @@ def detect_task(model: PreTrainedModel | str | None, *, revision: str | None = N
         return "causal_lm"
     if isinstance(model, str):
         try:
-            config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code,
+                                                **hub_kwargs(model))
         except (OSError, ValueError):
             return "causal_lm"  # the loader reports the real problem with the role attached
         architectures = getattr(config, "architectures", None) or []
@@ -123,15 +128,24 @@ def load_causal_lm(
         kwargs["device_map"] = device_map or ("cuda" if torch.cuda.is_available() else "cpu")
     elif device_map is not None:
         kwargs["device_map"] = device_map
+    _refuse_missing_local_path(name_or_path, role)
     if allow_pickle:
         logger.warning("allow_pickle_weights is set: the %s %r may be loaded from a pickle file, which can run "
                        "arbitrary code. Only do this for a checkpoint you trust.", role, name_or_path)
     else:
         _refuse_pickle_only_folder(name_or_path, role)
     try:
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        kwargs.update(hub_kwargs(name_or_path))
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code,
+                                            **hub_kwargs(name_or_path))
         return _model_class(config, task).from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, EnvironmentError) as error:
+        if not os.path.exists(name_or_path) and (hub_is_offline() or hub_kwargs(name_or_path)):
+            raise ModelLoadError(
+                f"The {role} model {name_or_path!r} is not a local folder and not in the local Hugging Face cache, and "
+                "the Hub is offline (HF_HUB_OFFLINE=1, or it could not be reached). Download it where the Hub is "
+                f"reachable (`hf download {name_or_path}`), or name a local folder saved with save_pretrained."
+            ) from error
         raise ModelLoadError(
             f"Could not load the {role} model {name_or_path!r}: {error}\n"
             f"Check that the path exists (or the Hub name is right and reachable), that it holds safetensors "
@@ -139,11 +153,49 @@ def load_causal_lm(
         ) from error
 
 
+def hub_is_offline() -> bool:
+    """Whether huggingface_hub answers from its local cache only (``HF_HUB_OFFLINE``)."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return flag or bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_unreachable() -> bool:
+    unreachable = not hub_is_reachable()
+    if unreachable:
+        logger.warning("The Hugging Face Hub cannot be reached from this machine: models are read from the local "
+                       "cache only (set HF_HUB_OFFLINE=1 to say so up front).")
+    return unreachable
+
+
+def hub_kwargs(name_or_path: str) -> dict:
+    """``{"local_files_only": True}`` for a Hub name when the Hub cannot be reached (checked once, in well under a
+    second), so that a model in the local cache loads at once and one that is not fails at once, instead of after
+    a minute of connection retries."""
+    if os.path.exists(name_or_path) or hub_is_offline():
+        return {}
+    return {"local_files_only": True} if _hub_unreachable() else {}
+
+
+def _refuse_missing_local_path(name_or_path: str, role: str) -> None:
+    """A name that can only be a local path (``./x``, ``/x``, ``a/b/c``) and does not exist: say so, instead of
+    the Hub error transformers gives for anything that is not an existing folder."""
+    if isinstance(name_or_path, str) and not os.path.exists(name_or_path) and looks_like_path(name_or_path):
+        raise ModelLoadError(
+            f"The {role} model {name_or_path!r} does not exist (looked for {os.path.abspath(name_or_path)}). Give an "
+            "existing folder saved with save_pretrained, or a Hub id (namespace/name)."
+        )
+
+
 def init_causal_lm_from_config(name_or_path: str, *, seed: int, dtype: str = "float32", revision: str | None = None,
                                trust_remote_code: bool = False, task: str = "causal_lm") -> PreTrainedModel:
     """A student with freshly initialised weights (seeded) from the configuration at ``name_or_path``."""
+    _refuse_missing_local_path(name_or_path, "student")
     try:
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code,
+                                            **hub_kwargs(name_or_path))
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"Could not read the student configuration at {name_or_path!r}: {error}") from error
     model_class = _model_class(config, task)
@@ -158,10 +210,14 @@ def load_processing_class(name_or_path: str, *, role: str, revision: str | None 
                           trust_remote_code: bool = False):
     """The tokenizer of a text model, or the processor of a vision-language model."""
     try:
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        local = hub_kwargs(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code,
+                                            **local)
         if is_vision_language_config(config):
-            return AutoProcessor.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+            return AutoProcessor.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code,
+                                                 **local)
+        return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code,
+                                             **local)
     except (OSError, ValueError) as error:
         raise ModelLoadError(
             f"Could not load the {role} tokenizer/processor from {name_or_path!r}: {error}\n"
@@ -172,3 +228,42 @@ def load_processing_class(name_or_path: str, *, role: str, revision: str | None 
 def tokenizer_of(processing_class):
     """The tokenizer inside a processor (or the tokenizer itself)."""
     return getattr(processing_class, "tokenizer", processing_class)
+
+
+def position_limit(model_or_config) -> int | None:
+    """The number of positions a model was built for (``max_position_embeddings`` of its text config), or None
+    when it has no such limit or extrapolates by design (RoPE with dynamic NTK scaling)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    config = getattr(config, "text_config", None) or config
+    limit = getattr(config, "max_position_embeddings", None)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+        return None
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def check_sequence_lengths(dataset, max_length: int | None, models: dict, split: str = "train") -> None:
+    """Refuse prepared rows longer than a model's positions, before training.
+
+    A model with learned absolute positions (BERT) would crash at the first step with a tensor-size error; a RoPE
+    model would train silently on positions it never saw (its teacher signal degrades). ``models`` maps a role
+    ("student", "teacher") to a model or config (None entries are skipped); ``dataset`` is a prepared dataset with
+    an ``input_ids`` column. The rows are measured (with Arrow, no Python loop) only when ``max_length`` allows
+    rows longer than the shortest limit, so a run whose ``max_length`` fits costs nothing.
+    """
+    limits = {role: limit for role, m in models.items() if m is not None and (limit := position_limit(m))}
+    if not limits or dataset is None or len(dataset) == 0 or "input_ids" not in dataset.column_names:
+        return
+    shortest = min(limits.values())
+    if max_length is not None and max_length <= shortest:
+        return
+    import pyarrow.compute as pc
+
+    longest = pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py() or 0
+    if longest > shortest:
+        named = ", ".join(f"the {role} has {limit}" for role, limit in limits.items())
+        raise ValueError(
+            f"The {split} data has rows of up to {longest} tokens (max_length {max_length}), more than the models' "
+            f"positions ({named}: max_position_embeddings). Set max_length <= {shortest}, or use models built for "
+            "longer sequences."
+        )

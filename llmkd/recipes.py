@@ -8,6 +8,11 @@
 
 Command-line overrides (``--learning_rate 1e-4``) win over the file. Unknown keys are an error that names the key
 and the closest valid one. Files are read with ``yaml.safe_load`` (no arbitrary Python objects).
+
+Relative input paths (models, data, a teacher cache) are looked up in the recipe's folder first, then in the
+current directory; outputs are relative to the current directory (:mod:`llmkd.paths`). ``llmkd train`` saves the
+effective recipe (overrides applied, paths absolute) as ``llmkd_recipe.yaml`` next to the model: rerunning it
+reproduces the run.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import os
 from typing import Any
 
 import yaml
-from transformers import HfArgumentParser
 
 from .methods import METHODS, method_entry
 
@@ -72,33 +76,122 @@ def _as_arguments(values: dict[str, Any]) -> list[str]:
     return argv
 
 
-def _overrides_as_dict(overrides: list[str]) -> dict[str, Any]:
-    keys = [item[2:].split("=", 1)[0].replace("-", "_") for item in overrides if item.startswith("--")]
-    return {key: None for key in keys}
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["--max_steps", "5", "--kd_ratio=0.3", "--lora_target_modules", "q", "v"]`` -> ``{"max_steps": 5,
+    "kd_ratio": 0.3, "lora_target_modules": ["q", "v"]}`` (each value read as a YAML scalar; a flag alone is True)."""
+    parsed: dict[str, Any] = {}
+    key = None
+    for item in overrides:
+        if item.startswith("--"):
+            name, has_value, value = item[2:].partition("=")
+            key = name.replace("-", "_")
+            parsed[key] = [value] if has_value else []
+            if has_value:
+                key = None
+        elif key is not None:
+            parsed[key].append(item)
+        else:
+            raise RecipeError(f"Unexpected argument {item!r} on the command line: overrides are --field value.")
+
+    def scalar(text: str):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+        return value if isinstance(value, (str, int, float, bool)) else text
+
+    return {k: (True if not v else scalar(v[0]) if len(v) == 1 else [scalar(x) for x in v]) for k, v in parsed.items()}
 
 
-def load_config(path: str | None, overrides: list[str] | None = None, method: str | None = None):
-    """Parse a recipe plus command-line overrides into ``(method, config)``.
+@dataclasses.dataclass
+class Recipe:
+    """A recipe as ``llmkd train`` runs it.
 
-    Types are checked by the config's argument parser (``learning_rate: abc`` is an error naming the field).
+    ``effective`` is what reproduces the run: the file's settings with the command-line overrides applied and every
+    local input path absolute (``output_dir`` too): :func:`write_effective_recipe` saves it as ``llmkd_recipe.yaml``.
     """
+
+    method: str
+    config: Any
+    effective: dict[str, Any]
+    source: str | None
+    overrides: list[str]
+
+
+def _blamed_source(error: Exception, path: str | None, override_keys) -> str:
+    text = str(error)
+    for key in override_keys:
+        if f"--{key}" in text:
+            return "on the command line"
+    return f"in recipe {path!r}" if path else "in the config"
+
+
+def load_recipe(path: str | None, overrides: list[str] | None = None, method: str | None = None,
+                resolve_paths: bool = True) -> Recipe:
+    """Parse a recipe plus command-line overrides into a :class:`Recipe` (method, config, effective settings).
+
+    Types are checked by the config's argument parser (``learning_rate: abc`` is an error naming the field and
+    where it came from). With ``resolve_paths``, relative input paths are looked up in the recipe's folder, then
+    the current directory (overrides: the current directory first), and a missing local path is a
+    :class:`~llmkd.paths.MissingPathError` (:mod:`llmkd.paths`) raised before anything is loaded.
+    """
+    from transformers import HfArgumentParser
+
+    from .paths import OUTPUT_PATH_FIELDS, resolve_input_paths
+
     overrides = list(overrides or [])
     values = read_recipe(path) if path else {}
     method = method or values.pop("method", None) or "kd"
     values.pop("method", None)
     entry = method_entry(method)
     config_class = entry.config_class
+    override_values = parse_overrides(overrides)
     check_keys(values.keys(), config_class, f"recipe {path!r}" if path else "the config")
-    check_keys(_overrides_as_dict(overrides).keys(), config_class, "the command line")
+    check_keys(override_values.keys(), config_class, "the command line")
+    if resolve_paths:
+        recipe_dir = os.path.dirname(os.path.abspath(path)) if path else None
+        here = os.getcwd()
+        values = resolve_input_paths(values, (recipe_dir, here) if recipe_dir else (here,), recipe_dir)
+        resolved_overrides = resolve_input_paths(override_values, (here, recipe_dir) if recipe_dir else (here,))
+        overrides = overrides + _as_arguments({k: v for k, v in resolved_overrides.items()
+                                               if v != override_values[k]})
+        override_values = resolved_overrides
     none_keys = [k for k, v in values.items() if v is None]
     parser = HfArgumentParser(config_class, exit_on_error=False)
     try:
         (config,) = parser.parse_args_into_dataclasses(args=_as_arguments(values) + overrides)
     except (argparse.ArgumentError, ValueError, TypeError) as error:
-        raise RecipeError(f"Invalid value in {path or 'the config'}: {error}") from error
+        raise RecipeError(f"Invalid value {_blamed_source(error, path, override_values)}: {error}") from error
     for key in none_keys:
         setattr(config, key, None)
-    return method, config
+    effective = {"method": method, **values, **override_values}
+    for key in OUTPUT_PATH_FIELDS:
+        if isinstance(effective.get(key), str):
+            effective[key] = os.path.abspath(os.path.expanduser(effective[key]))
+    return Recipe(method, config, effective, os.path.abspath(path) if path else None, overrides)
 
 
-__all__ = ["RecipeError", "load_config", "read_recipe", "check_keys", "METHODS"]
+def load_config(path: str | None, overrides: list[str] | None = None, method: str | None = None,
+                resolve_paths: bool = True):
+    """``(method, config)`` of :func:`load_recipe`."""
+    recipe = load_recipe(path, overrides, method, resolve_paths)
+    return recipe.method, recipe.config
+
+
+def write_effective_recipe(recipe: Recipe, folder: str, command: str | None = None) -> str:
+    """Save ``recipe.effective`` as ``folder/llmkd_recipe.yaml``: ``llmkd train --config`` on it reruns the run."""
+    path = os.path.join(folder, "llmkd_recipe.yaml")
+    header = ["# The effective settings of this run (the recipe, the command-line overrides applied, local paths",
+              "# absolute). Rerun it with:  llmkd train --config llmkd_recipe.yaml --output_dir NEW_FOLDER"]
+    if recipe.source:
+        header.append(f"# from: {recipe.source}")
+    if command:
+        header.append(f"# command: {command}")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(header) + "\n")
+        yaml.safe_dump(recipe.effective, handle, sort_keys=False, allow_unicode=True)
+    return path
+
+
+__all__ = ["RecipeError", "Recipe", "load_config", "load_recipe", "parse_overrides", "read_recipe", "check_keys",
+           "write_effective_recipe", "METHODS"]

@@ -207,6 +207,19 @@ def test_retention_ratio_rules():
     assert retention_ratio(float("nan"), 0.5, higher_is_better=True) is None
 
 
+def test_a_perplexity_is_retained_as_its_cross_entropy():
+    """The measured case of a new user: byte perplexity 15.1 (student) vs 2.516e4 (teacher) showed retention
+    1665.6 while bits per byte of the same run (log2 of it) showed 3.73. Both now say the cross-entropy ratio."""
+    import math
+
+    student_ppl, teacher_ppl = 15.1074, 2.516e4
+    by_perplexity = retention_ratio(student_ppl, teacher_ppl, higher_is_better=False, metric="byte_perplexity")
+    by_bits = retention_ratio(math.log2(student_ppl), math.log2(teacher_ppl), higher_is_better=False,
+                              metric="bits_per_byte")
+    assert by_perplexity == pytest.approx(by_bits, rel=1e-12) == pytest.approx(3.732, abs=1e-3)
+    assert retention_ratio(1.0, 5.0, higher_is_better=False, metric="word_perplexity") is None  # log 1 = 0
+
+
 def test_retention_table():
     student = _scores({"gsm": {"exact_match": 0.3}, "ppl": {"byte_perplexity": 4.0}, "only_student": {"acc": 1.0}},
                       lower=("byte_perplexity",))

@@ -12,6 +12,7 @@ import yaml
 from utils import write_local_run
 
 from llmkd.methods import method_entry
+from llmkd.paths import INPUT_PATH_FIELDS, MissingPathError, producing_recipe
 from llmkd.recipes import RecipeError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,14 @@ def test_every_method_recipe_validates(path):
         raw = yaml.safe_load(handle)
     # GPU recipes ask for bf16, which TrainingArguments refuses on a CPU-only machine: validate everything else
     overrides = ["--bf16", "False"] if raw.get("bf16") else []
-    method, config = load_config(path, overrides)
+    recipe_dir = os.path.dirname(path)
+    try:
+        method, config = load_config(path, overrides)
+    except MissingPathError as error:
+        # a later stage reads an earlier stage's output_dir: the error names the recipe to run first
+        producer = producing_recipe(raw["model_name_or_path"], recipe_dir)
+        assert producer is not None and os.path.basename(producer) in str(error), error
+        method, config = load_config(path, overrides, resolve_paths=False)
     raw.pop("bf16", None)
     assert method == raw.get("method", "kd")
     assert isinstance(config, method_entry(method).config_class)
@@ -47,6 +55,9 @@ def test_every_method_recipe_validates(path):
             assert float(parsed) == pytest.approx(float(value)), key
         elif key == "report_to":
             continue
+        elif key in INPUT_PATH_FIELDS and isinstance(value, str) and parsed != value:
+            # a shipped input path is relative to the recipe's folder, and resolved to an absolute one
+            assert parsed == os.path.normpath(os.path.join(recipe_dir, value)) and os.path.exists(parsed), key
         elif isinstance(value, (bool, int, str)) and not hasattr(parsed, "value"):
             assert parsed == value, key
     assert config.model_name_or_path and config.teacher_model_name_or_path and config.dataset_name
@@ -136,12 +147,20 @@ def test_cli_reports_unknown_keys(tmp_path):
 @pytest.mark.parametrize("recipe", ["recipes/kd/tiny.yaml", "recipes/taid/tiny.yaml", "recipes/sinkd/tiny-lm.yaml",
                                     "recipes/sinkd/tiny-cls.yaml"])
 def test_tiny_recipe_trains_offline_from_the_repository_root(tmp_path, recipe):
-    """The offline recipes as shipped (relative paths from the repository root), shortened to a few steps."""
+    """The offline recipes as shipped, shortened to a few steps; the recipe copy is the effective recipe."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "llmkd", "train", "--config", recipe, "--max_steps", "4",
                "--logging_steps", "1", "--output_dir", str(tmp_path / "out")]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out" / "model.safetensors").exists()
-    assert (tmp_path / "out" / "llmkd_recipe.yaml").read_text() == open(os.path.join(ROOT, recipe)).read()
+    saved = yaml.safe_load((tmp_path / "out" / "llmkd_recipe.yaml").read_text())
+    shipped = yaml.safe_load(open(os.path.join(ROOT, recipe)).read())
+    assert saved["max_steps"] == 4 and saved["output_dir"] == str(tmp_path / "out")
+    assert saved["teacher_model_name_or_path"] == os.path.normpath(
+        os.path.join(ROOT, os.path.dirname(recipe), shipped["teacher_model_name_or_path"]))
+    assert {k: v for k, v in saved.items() if k not in (*INPUT_PATH_FIELDS, "max_steps", "output_dir",
+                                                        "logging_steps")} == \
+        {k: v for k, v in shipped.items() if k not in (*INPUT_PATH_FIELDS, "max_steps", "output_dir",
+                                                       "logging_steps")}
     assert result.stdout.count("'kd_loss'") + result.stderr.count("'kd_loss'") == 4

@@ -47,17 +47,11 @@ def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
 
 def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        **overrides,
-    )
+    config = LlamaConfig(**{
+        "vocab_size": vocab_size, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        "tie_word_embeddings": False, **overrides,
+    })
     return LlamaForCausalLM(config)
 
 
@@ -65,11 +59,11 @@ def tiny_bert_classifier(vocab_size: int, hidden: int = 32, layers: int = 2, see
                          **overrides) -> BertForSequenceClassification:
     """A BERT sequence classifier with no dropout (so that forward passes are deterministic)."""
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=2 * hidden, max_position_embeddings=128, num_labels=num_labels, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, classifier_dropout=0.0, **overrides,
-    )
+    config = BertConfig(**{
+        "vocab_size": vocab_size, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
+        "intermediate_size": 2 * hidden, "max_position_embeddings": 128, "num_labels": num_labels,
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "classifier_dropout": 0.0, **overrides,
+    })
     return BertForSequenceClassification(config)
 
 

@@ -6,6 +6,8 @@ import os
 
 import datasets
 
+from ..paths import looks_like_path, missing_path_error
+
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
@@ -27,12 +29,17 @@ def load_dataset_splits(args) -> tuple[datasets.Dataset | None, datasets.Dataset
 
 
 def _load(source: str, config: str | None):
+    if not os.path.exists(source) and looks_like_path(source):
+        raise missing_path_error("dataset_name", source, (os.getcwd(),))
     if os.path.isfile(source):
         extension = os.path.splitext(source)[1].lower()
         if extension not in _FILE_BUILDERS:
             raise ValueError(
                 f"Cannot read dataset file {source!r}: extension {extension!r} is not one of {sorted(_FILE_BUILDERS)}."
             )
+        if _has_no_rows(source, extension):
+            raise ValueError(f"The dataset is empty (0 rows; the file {source!r} holds no rows). Check dataset_name, "
+                             "or the step that writes this file.")
         return datasets.load_dataset(_FILE_BUILDERS[extension], data_files={"train": source})
     if os.path.isdir(source) and (
         os.path.exists(os.path.join(source, "dataset_dict.json"))
@@ -55,3 +62,11 @@ def _split(loaded, split: str, source: str):
             "dataset_eval_split."
         )
     return loaded[split]
+
+
+def _has_no_rows(path: str, extension: str) -> bool:
+    """An empty (or whitespace-only) text file: the datasets builders fail on it with a bare StopIteration."""
+    if extension not in (".json", ".jsonl", ".csv"):
+        return os.path.getsize(path) == 0
+    with open(path, "rb") as handle:
+        return not any(line.strip() for line in handle)

@@ -9,9 +9,10 @@
      "settings": {"tasks": [...], "limit": n | None, ...}}
 
 The retention ratio says how much of the teacher's score the student keeps: ``student / teacher`` for a metric where
-higher is better (accuracy, exact match), ``teacher / student`` where lower is better (perplexity, bits per byte), so
-that 1.0 is "as good as the teacher" and 0.5 "half as good" for every metric. It is undefined (None) when the
-denominator is 0.
+higher is better (accuracy, exact match), ``teacher / student`` where lower is better (bits per byte; for a
+perplexity, the ratio of its logarithms, i.e. of the cross-entropies), so that 1.0 is "as good as the teacher" and
+0.5 "half as good" for every metric; above 1 the student does better than the teacher on that metric. It is
+undefined (None) when the denominator is 0.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
 
 
-def retention_ratio(student: float, teacher: float, higher_is_better: bool) -> float | None:
+def retention_ratio(student: float, teacher: float, higher_is_better: bool, metric: str = "") -> float | None:
+    """``student / teacher`` (higher is better) or ``teacher / student`` (lower is better). A perplexity is the
+    exponential of a cross-entropy, so its ratio is taken on the logarithms (the ratio of the cross-entropies,
+    which is what bits per byte gives too): the ratio of the perplexities themselves grows exponentially with
+    the gap and says nothing readable (a 3.7x cross-entropy gap is a 1666x perplexity ratio)."""
+    if "perplexity" in metric and student > 0 and teacher > 0:
+        student, teacher = math.log(student), math.log(teacher)
     numerator, denominator = (student, teacher) if higher_is_better else (teacher, student)
     if denominator == 0 or any(math.isnan(x) or math.isinf(x) for x in (student, teacher)):
         return None
@@ -40,7 +47,7 @@ def retention(student_scores: dict, teacher_scores: dict) -> dict[str, dict[str,
             continue
         teacher_metrics = teacher_scores[task]["metrics"]
         table[task] = {
-            metric: retention_ratio(value, teacher_metrics[metric], entry["higher_is_better"].get(metric, True))
+            metric: retention_ratio(value, teacher_metrics[metric], entry["higher_is_better"].get(metric, True), metric)
             for metric, value in entry["metrics"].items() if metric in teacher_metrics
         }
     return table

@@ -36,6 +36,7 @@ from ..data.classification import prepare_classification_dataset
 from ..data.sources import load_dataset_splits
 from ..heads import intercept_head, logit_transform_for, output_head, unwrap_model, verify_head_reproduction
 from ..loading import (
+    check_sequence_lengths,
     detect_task,
     init_causal_lm_from_config,
     load_causal_lm,
@@ -101,6 +102,9 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
             args = self.config_class(output_dir="llmkd_output")
         if not isinstance(args, DistillConfig):
             raise TypeError(f"args must be a DistillConfig (or a method's config), got {type(args).__name__}.")
+        if train_dataset is None and eval_dataset is None and args.dataset_name:
+            # the data first: a missing or empty file is reported before the models are loaded
+            train_dataset, eval_dataset = load_dataset_splits(args)
         self.task = self._resolve_task(model, args)
         model, processing_class = self._student(model, args, processing_class, self.task)
         self.teacher_cache = open_teacher_cache(args, teacher_model, self.task)
@@ -127,10 +131,10 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
         if peft_config is not None:
             model = self._apply_peft(model, peft_config, args)
 
-        if train_dataset is None and eval_dataset is None and args.dataset_name:
-            train_dataset, eval_dataset = load_dataset_splits(args)
         train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
         eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
+        for split, prepared in (("train", train_dataset), ("eval", eval_dataset)):
+            check_sequence_lengths(prepared, args.max_length, {"student": model, "teacher": teacher_model}, split)
         if self.teacher_cache is not None:
             train_dataset = tag_cached_rows(self.teacher_cache, train_dataset, tokenizer, "train")
             eval_dataset = tag_cached_rows(self.teacher_cache, eval_dataset, tokenizer, "eval")

@@ -163,6 +163,7 @@ class DHOConfig(RunOutputFields, TrainingArguments):
     metric_for_best_model: str | None = field(default="accuracy", metadata={"help": "Best-checkpoint metric."})
 
     def __post_init__(self):
+        self.adapt_to_launcher()
         super().__post_init__()
         self.check_run_outputs()
         if self.remove_unused_columns:

@@ -27,6 +27,8 @@ import shutil
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..launch import check_launched_world
+
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE_FILE = "trainer_state.json"  # written last by Trainer._save_checkpoint
@@ -102,8 +104,25 @@ class TrainingGuardsMixin:
             ) from error
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        check_launched_world(self.accelerator)
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint in output_dir {self.args.output_dir!r} to resume from.")
+        if isinstance(resume_from_checkpoint, str):
+            if not os.path.isfile(os.path.join(resume_from_checkpoint, TRAINER_STATE_FILE)):
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint {resume_from_checkpoint!r} is not a complete checkpoint (no "
+                    f"{TRAINER_STATE_FILE} in it). Give a checkpoint-N folder of a run, or True for the newest one.")
+            logger.info("Resuming from %s", resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        if warmup >= num_training_steps > 0:
+            logger.warning(
+                "The warmup (%d steps) is as long as the whole run (%d steps): the learning rate never reaches "
+                "learning_rate %g (at most %.3g of it). Lower warmup_steps, or give it as a fraction of the run "
+                "(warmup_steps: 0.05).", warmup, num_training_steps, self.args.learning_rate,
+                num_training_steps / max(warmup, 1))
+        return super().create_scheduler(num_training_steps, optimizer)

@@ -89,6 +89,7 @@ class PreferenceDistillConfig(MoEStudentFields, ModelSourceFields, DPOConfig):
             raise ValueError("ld_alpha, use_weighting and f_divergence_type are TRL DPO variants that "
                              "PreferenceDistillTrainer does not implement; leave them at their defaults.")
         self.router_aux_loss_coef = 0.0  # TRL's own aux path reads outputs.aux_loss; llmkd records the routers
+        self.adapt_to_launcher()
         super().__post_init__()
         self.check_model_sources()
 
