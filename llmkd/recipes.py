@@ -127,13 +127,16 @@ def _blamed_source(error: Exception, path: str | None, override_keys) -> str:
 
 
 def load_recipe(path: str | None, overrides: list[str] | None = None, method: str | None = None,
-                resolve_paths: bool = True) -> Recipe:
+                resolve_paths: bool = True, output_fields: tuple[str, ...] = ()) -> Recipe:
     """Parse a recipe plus command-line overrides into a :class:`Recipe` (method, config, effective settings).
 
     Types are checked by the config's argument parser (``learning_rate: abc`` is an error naming the field and
     where it came from). With ``resolve_paths``, relative input paths are looked up in the recipe's folder, then
     the current directory (overrides: the current directory first), and a missing local path is a
-    :class:`~llmkd.paths.MissingPathError` (:mod:`llmkd.paths`) raised before anything is loaded.
+    :class:`~llmkd.paths.MissingPathError` (:mod:`llmkd.paths`) raised before anything is loaded. A value the
+    command line overrides is not looked up. ``output_fields`` names input-path fields that this command writes
+    instead of reading (``teacher_cache`` for ``llmkd cache-teacher``): they are made absolute from the current
+    directory, like ``output_dir``.
     """
     from transformers import HfArgumentParser
 
@@ -151,8 +154,11 @@ def load_recipe(path: str | None, overrides: list[str] | None = None, method: st
     if resolve_paths:
         recipe_dir = os.path.dirname(os.path.abspath(path)) if path else None
         here = os.getcwd()
-        values = resolve_input_paths(values, (recipe_dir, here) if recipe_dir else (here,), recipe_dir)
-        resolved_overrides = resolve_input_paths(override_values, (here, recipe_dir) if recipe_dir else (here,))
+        from_file = {k: v for k, v in values.items() if k not in override_values and k not in output_fields}
+        values.update(resolve_input_paths(from_file, (recipe_dir, here) if recipe_dir else (here,), recipe_dir))
+        from_line = {k: v for k, v in override_values.items() if k not in output_fields}
+        resolved_overrides = {**override_values,
+                              **resolve_input_paths(from_line, (here, recipe_dir) if recipe_dir else (here,))}
         overrides = overrides + _as_arguments({k: v for k, v in resolved_overrides.items()
                                                if v != override_values[k]})
         override_values = resolved_overrides
@@ -165,16 +171,16 @@ def load_recipe(path: str | None, overrides: list[str] | None = None, method: st
     for key in none_keys:
         setattr(config, key, None)
     effective = {"method": method, **values, **override_values}
-    for key in OUTPUT_PATH_FIELDS:
+    for key in (*OUTPUT_PATH_FIELDS, *output_fields):
         if isinstance(effective.get(key), str):
             effective[key] = os.path.abspath(os.path.expanduser(effective[key]))
     return Recipe(method, config, effective, os.path.abspath(path) if path else None, overrides)
 
 
 def load_config(path: str | None, overrides: list[str] | None = None, method: str | None = None,
-                resolve_paths: bool = True):
+                resolve_paths: bool = True, output_fields: tuple[str, ...] = ()):
     """``(method, config)`` of :func:`load_recipe`."""
-    recipe = load_recipe(path, overrides, method, resolve_paths)
+    recipe = load_recipe(path, overrides, method, resolve_paths, output_fields)
     return recipe.method, recipe.config
 
 

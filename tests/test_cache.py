@@ -537,7 +537,7 @@ def test_cli_four_bit_teacher(tmp_path):
     recipe = write_recipe(tmp_path, cache_top_k=8)
     tokenizer = make_tokenizer()
     tiny_llama(len(tokenizer), hidden=64, seed=5).save_pretrained(str(tmp_path / "teacher"))  # bnb needs width 64
-    _, config = load_config(str(recipe), ["--teacher_load_in_4bit", "True"])
+    _, config = load_config(str(recipe), ["--teacher_load_in_4bit", "True"], output_fields=("teacher_cache",))
     assert "Linear4bit" in {type(m).__name__ for m in _load_teacher(config).modules()}
     for name, extra in (("cache4", ["--teacher_load_in_4bit", "True"]), ("cache32", [])):
         result = cli("--config", recipe, "--output_dir", tmp_path / name, *extra)

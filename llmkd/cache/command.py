@@ -81,7 +81,7 @@ def write(known, overrides: list[str]) -> int:
     from ..trainers.base import IMAGE_FIELDS
     from .writer import write_teacher_cache
 
-    _, config = load_config(known.config, overrides)
+    _, config = load_config(known.config, overrides, output_fields=("teacher_cache",))  # the cache is written here
     output_dir = known.output_dir or config.teacher_cache
     if not output_dir:
         raise SystemExit("llmkd cache-teacher: no output folder: pass --output_dir PATH or set teacher_cache in the "
