@@ -232,7 +232,7 @@ USAGE = """usage: llmkd {train,cache-teacher,eval,publish,upcycle,quickstart} ..
   eval        --model PATH [--teacher PATH] --tasks T1,T2 [--limit N]   benchmarks and retention
   publish     OUTPUT_DIR --repo-id ORG/NAME [--private] [--revision B]  upload with a model card
   upcycle     --model PATH --output_dir DIR [--num_experts 4]   dense model -> MoE (LLaVA-MoD)
-  quickstart  [--output_dir DIR] [--method kd|taid]       offline demo on a laptop CPU (about 3.5 min on 2 cores)
+  quickstart  [--output_dir DIR] [--method kd|taid]       offline demo, about 2 minutes on 2 CPU cores
 A user error is reported in one line; --debug (or LLMKD_DEBUG=1) shows its traceback."""
 
 
