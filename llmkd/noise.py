@@ -44,6 +44,9 @@ KNOWN_MESSAGES = {
     # llmkd hands lm-eval the loaded model object on purpose (one process, llmkd's own placement)
     "lm_eval.models.huggingface": ("`pretrained` model kwarg is not of type `str`",
                                    "Passed an already-initialized model through `pretrained`"),
+    # transformers >= 5.25 brings the `kernels` package; bitsandbytes asks it for an optional CPU kernel, which
+    # warns that it cannot verify the kernel's publisher offline (the kernel is then not used)
+    "kernels._internals.hf_hub": ("Skipping publisher trust check",),
     # lm-eval's advice about --metadata for its long-context tasks, printed for every task
     "lm_eval.api.task": ("Custom kwargs can be passed to `--metadata`",),
 }
