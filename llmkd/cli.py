@@ -256,9 +256,10 @@ def one_line(error: BaseException) -> str:
 def _offline_if_unreachable(argv: list[str]) -> None:
     """``llmkd train``/``cache-teacher``: when the recipe names Hub models or data and the Hub cannot be reached,
     use the local Hugging Face cache only (HF_HUB_OFFLINE=1) instead of a minute of connection retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes") or "--config" not in argv:
+    from .paths import hub_is_offline, hub_is_reachable, hub_names
+
+    if hub_is_offline() or "--config" not in argv:
         return
-    from .paths import hub_is_reachable, hub_names
     from .recipes import parse_overrides, read_recipe
 
     path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else None

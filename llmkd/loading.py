@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .paths import hub_is_reachable, looks_like_path
+from .paths import hub_is_offline, hub_is_reachable, looks_like_path
 from .models import dual_head as _dual_head  # noqa: F401  (registers DualHeadModel with the Auto classes)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -151,14 +151,6 @@ def load_causal_lm(
             f"Check that the path exists (or the Hub name is right and reachable), that it holds safetensors "
             f"weights (pickle .bin files are refused), and that trust_remote_code is set if it needs custom code."
         ) from error
-
-
-def hub_is_offline() -> bool:
-    """Whether huggingface_hub answers from its local cache only (``HF_HUB_OFFLINE``)."""
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return flag or bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
 @functools.lru_cache(maxsize=None)

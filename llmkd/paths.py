@@ -125,6 +125,17 @@ def hub_names(values: dict) -> list[str]:
             and not os.path.exists(v) and not looks_like_path(v)]
 
 
+def hub_is_offline() -> bool:
+    """Whether huggingface_hub answers from its local cache only: ``HF_HUB_OFFLINE`` in the environment, or in
+    huggingface_hub's constants once it is imported (it reads the variable at import time)."""
+    import sys
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    constants = sys.modules.get("huggingface_hub.constants")
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
 def hub_is_reachable(endpoint: str | None = None, timeout: float = 3.0) -> bool:
     """Whether the Hub endpoint answers at all (any HTTP status counts); False fast on a machine without network."""
     url = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
