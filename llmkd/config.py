@@ -93,7 +93,7 @@ class ModelSourceFields(RunOutputFields):
 @dataclass
 class DistillConfig(ModelSourceFields, TrainingArguments):
     r"""Configuration for :class:`~llmkd.DistillTrainer`: token-level distillation with any divergence of
-    ALGORITHMS.md section 0, mixed with the hard-label cross-entropy.
+    docs/ALGORITHMS.md section 0, mixed with the hard-label cross-entropy.
 
     Every ``transformers.TrainingArguments`` field works. Defaults that differ from TrainingArguments:
     ``remove_unused_columns=False`` (the collator keeps image fields) and ``logging_steps=10``.

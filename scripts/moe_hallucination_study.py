@@ -11,7 +11,7 @@ The task (scripts/moe_study_task.py): 16 x 16 images with 1-3 coloured shapes; "
 and "is there a <object> ?" (yes/no); a hallucination is an answer naming an absent object, or "yes" for an absent
 object. Results and their reading: docs/MOE.md, "Miniature study: hallucination on a synthetic VLM task".
 
-Pipeline (ALGORITHMS.md section 3), every student model scored on the same held-out questions by greedy decoding:
+Pipeline (docs/ALGORITHMS.md section 3), every student model scored on the same held-out questions by greedy decoding:
 
 1. teacher: a CLIP tower (2 x 64) pretrained to classify each cell's object, then a LLaVA (that tower frozen, Llama
    3 x 96) trained with plain CE (``transformers.Trainer``) on clean labels, once (independent of the seed);

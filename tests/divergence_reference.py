@@ -1,4 +1,4 @@
-"""The divergences of ALGORITHMS.md section 0 written from their formulas on probability vectors (float64), shared
+"""The divergences of docs/ALGORITHMS.md section 0 written from their formulas on probability vectors (float64), shared
 by the tests of the dense losses, the chunked engine and the cached top-k teacher."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Naive float64 references of SinKD's Sinkhorn term, written from the formulas (ALGORITHMS.md section 2):
+"""Naive float64 references of SinKD's Sinkhorn term, written from the formulas (docs/ALGORITHMS.md section 2):
 the cost by explicit loops, the plan in the plain domain as the paper writes it."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The DHO loss (ALGORITHMS.md section 4) against a naive re-derivation from the formula, values and gradients:
+"""The DHO loss (docs/ALGORITHMS.md section 4) against a naive re-derivation from the formula, values and gradients:
 
     L = lam * CE(h_ce(z_l), y) + (1 - lam) * T^2 * [KL(p_t(x_l) || q_kd(x_l)) + KL(p_t(x_u) || q_kd(x_u))]
 """

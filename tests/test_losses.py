@@ -1,4 +1,4 @@
-"""Tests of the dense divergences, their per-token kernels, the reduction and the registry (ALGORITHMS.md section 0).
+"""Tests of the dense divergences, their per-token kernels, the reduction and the registry (docs/ALGORITHMS.md section 0).
 
 Every divergence is held against a naive float64 reference written straight from its formula (explicit softmax,
 explicit sums with 0 log 0 = 0), for values and for gradients with respect to the student logits; the kernels are

@@ -15,7 +15,7 @@ from llmkd.models.routing import RouterMonitor
 
 # ------------------------------------------------------------------------------------------- load balancing
 def reference_load_balancing(router_logits, top_k, mask=None):
-    """E * sum_e f_e * P_e over all layers' token rows, with explicit loops (ALGORITHMS.md section 3)."""
+    """E * sum_e f_e * P_e over all layers' token rows, with explicit loops (docs/ALGORITHMS.md section 3)."""
     num_experts = router_logits[0].shape[1]
     assignments = [0.0] * num_experts
     prob_sums = [torch.zeros((), dtype=torch.float64) for _ in range(num_experts)]

@@ -1,4 +1,4 @@
-"""SinKD's Sinkhorn term (ALGORITHMS.md section 2) against references written from the formulas.
+"""SinKD's Sinkhorn term (docs/ALGORITHMS.md section 2) against references written from the formulas.
 
 The references run in float64 and in the plain domain: ``K = exp(-W / eps)`` normalised by rows then columns, as
 the paper (and the official code) writes it, with the cost built by explicit sums over the vocabulary.

@@ -1,4 +1,4 @@
-"""Image data for DHO (ALGORITHMS.md section 4): the labeled / unlabeled split of a train split, on-the-fly image
+"""Image data for DHO (docs/ALGORITHMS.md section 4): the labeled / unlabeled split of a train split, on-the-fly image
 processing with ``transformers`` image processors, precomputed teacher logits, and the paired dataset whose item
 is one labeled and one unlabeled example (so every batch holds B labeled and B unlabeled images).
 

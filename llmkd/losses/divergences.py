@@ -1,4 +1,4 @@
-"""Token-level divergences between a student and a teacher distribution (ALGORITHMS.md section 0).
+"""Token-level divergences between a student and a teacher distribution (docs/ALGORITHMS.md section 0).
 
 Notation: ``z_s`` / ``z_t`` are the student / teacher logits of one position, ``q = softmax(z_s / T)`` and
 ``p = softmax(z_t / T)``. Every function here:

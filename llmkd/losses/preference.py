@@ -1,4 +1,4 @@
-"""Preference losses with a frozen teacher as the reference (ALGORITHMS.md section 3, stage 2).
+"""Preference losses with a frozen teacher as the reference (docs/ALGORITHMS.md section 3, stage 2).
 
 Inputs are sequence log-probabilities (sums of the response tokens' log-probs), shape ``(B,)`` each:
 ``policy_chosen`` / ``policy_rejected`` for the student, ``reference_chosen`` / ``reference_rejected`` for the teacher.

@@ -1,5 +1,5 @@
 """SinKD: the batch-wise Sinkhorn distance between student and teacher predictions (Cui et al., LREC-COLING 2024,
-arXiv 2402.17110; ALGORITHMS.md section 2).
+arXiv 2402.17110; docs/ALGORITHMS.md section 2).
 
 The points of one optimal-transport problem are n predictions (the examples of a classifier's micro-batch, or a
 block of token positions of a language model). With ``P_s = softmax(Z_s / tau)`` and ``P_t = softmax(Z_t / tau)``

@@ -1,4 +1,4 @@
-"""The DHO teacher: a CLIP zero-shot classifier built from class names and prompt templates (ALGORITHMS.md
+"""The DHO teacher: a CLIP zero-shot classifier built from class names and prompt templates (docs/ALGORITHMS.md
 section 4), for any ``CLIPModel`` checkpoint with its tokenizer and image processor.
 
     logits = logit_scale * cos(image_embedding, class_embedding_c)        (logit_scale = 100 by default)

@@ -1,4 +1,4 @@
-"""Loading the DHO student and teacher (ALGORITHMS.md section 4) from a config: names or objects, class names, the
+"""Loading the DHO student and teacher (docs/ALGORITHMS.md section 4) from a config: names or objects, class names, the
 CLIP zero-shot teacher or any image classifier. Used by :class:`llmkd.DHOTrainer`; ``args`` is a
 :class:`~llmkd.DHOConfig`."""
 

@@ -1,4 +1,4 @@
-"""The DHO student (ALGORITHMS.md section 4): a vision backbone ``g`` with two linear heads, ``h_ce`` (trained on
+"""The DHO student (docs/ALGORITHMS.md section 4): a vision backbone ``g`` with two linear heads, ``h_ce`` (trained on
 labels) and ``h_kd`` (trained on the teacher), combined at inference as
 
     p = alpha * softmax(h_ce(z)) + (1 - alpha) * softmax(h_kd(z) / beta),     z = g(x)
@@ -33,7 +33,7 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
 FEATURE_POOLINGS = ("auto", "pooler", "cls", "mean")
-#: the paper's grid (ALGORITHMS.md section 4): alpha in 0..1 step 0.05, beta in {0.5, ..., 4}
+#: the paper's grid (docs/ALGORITHMS.md section 4): alpha in 0..1 step 0.05, beta in {0.5, ..., 4}
 DEFAULT_ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 DEFAULT_BETA_GRID = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0)
 #: without a validation split (zero-shot teacher)

@@ -1,4 +1,4 @@
-"""Sparse upcycling: turn a dense decoder into a standard transformers MoE model (ALGORITHMS.md section 3).
+"""Sparse upcycling: turn a dense decoder into a standard transformers MoE model (docs/ALGORITHMS.md section 3).
 
 Every ``every``-th decoder layer (0, every, 2*every, ...) gets ``num_experts`` experts, each an exact copy of
 that layer's dense FFN, and a new router ``Linear(d, E)`` without bias; the other layers keep their dense FFN.
@@ -128,7 +128,7 @@ def upcycle_to_moe(model: PreTrainedModel, num_experts: int = 4, top_k: int = 2,
             ``llmkd upcycle``). It is left unchanged.
         num_experts: E, experts per sparse layer, each an exact copy of the layer's dense FFN.
         top_k: experts per token; the selected gates are renormalised to sum to 1.
-        every: layers 0, every, 2*every, ... become sparse (ALGORITHMS.md: every other layer, ``every=2``).
+        every: layers 0, every, 2*every, ... become sparse (docs/ALGORITHMS.md: every other layer, ``every=2``).
         aux_loss_coef: the load-balancing loss coefficient written to the config (``router_aux_loss_coef``).
         router_init_std: std of the routers' normal initialisation (default: the config's initializer_range).
         seed: seed of the router initialisation.

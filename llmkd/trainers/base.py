@@ -66,7 +66,7 @@ METRIC_KEYS = ("kd", "ce", "teacher_ce", "block", "tokens")
 
 
 class DistillTrainer(TrainingGuardsMixin, Trainer):
-    """Distil ``teacher_model`` into ``model`` with a divergence of ALGORITHMS.md section 0.
+    """Distil ``teacher_model`` into ``model`` with a divergence of docs/ALGORITHMS.md section 0.
 
     Args:
         model: the student, a ``PreTrainedModel`` or a name/path (loaded with ``args.student_dtype``).

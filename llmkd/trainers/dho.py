@@ -1,5 +1,5 @@
 """DHO: Dual-Head Optimization, semi-supervised distillation of a vision-language teacher into a compact image
-classifier (arXiv 2505.07675; ALGORITHMS.md section 4).
+classifier (arXiv 2505.07675; docs/ALGORITHMS.md section 4).
 
 Each step draws a labeled batch ``(x_l, y)`` and an unlabeled batch ``x_u`` of the same size (one
 :class:`~llmkd.data.images.PairedDataset` item holds one of each) and minimises

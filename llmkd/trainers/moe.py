@@ -1,4 +1,4 @@
-"""MoE mimic distillation (LLaVA-MoD stage 1, ALGORITHMS.md section 3).
+"""MoE mimic distillation (LLaVA-MoD stage 1, docs/ALGORITHMS.md section 3).
 
 loss = kd_weight * KL(teacher || student) + ce_weight * CE + aux_loss_coef * load-balancing loss
 

@@ -1,4 +1,4 @@
-"""Preference distillation (LLaVA-MoD stage 2, ALGORITHMS.md section 3): DPO whose reference is the frozen teacher.
+"""Preference distillation (LLaVA-MoD stage 2, docs/ALGORITHMS.md section 3): DPO whose reference is the frozen teacher.
 
 Built on TRL's ``DPOTrainer``, which provides the data handling (prompt/chosen/rejected rows, conversational or
 plain, with images for VLMs), the fused log-prob head (no (tokens x vocab) logits), the reference placement (a

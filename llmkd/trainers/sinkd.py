@@ -1,4 +1,4 @@
-"""SinKD: knowledge distillation with the batch-wise Sinkhorn distance (arXiv 2402.17110; ALGORITHMS.md section 2).
+"""SinKD: knowledge distillation with the batch-wise Sinkhorn distance (arXiv 2402.17110; docs/ALGORITHMS.md section 2).
 
 Objective of a step (``a = kd_ratio``, ``b = sinkhorn_weight``):
 
