@@ -113,7 +113,7 @@ def _train(argv: list[str]) -> int:
         write_effective_recipe(recipe, config.output_dir, command="llmkd train " + " ".join(argv))
         if trainer.processing_class is not None:
             trainer.processing_class.save_pretrained(config.output_dir)
-        from .report import finish_run
+        from .finish import finish_run
 
         written = finish_run(trainer, method, push=push)  # llmkd_run.json, eval, report.html, README.md, push
     # Every rank waits for the main process's finishing work, then the process group is torn down: a rank that

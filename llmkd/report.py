@@ -108,7 +108,7 @@ def _plot_lines(history: list[dict], keys: list[str], title: str, path: str, yla
 def plot_evaluation(results: dict, path: str) -> str | None:
     """Student (and teacher) scores, one panel per task and metric so that each has its own scale (accuracies and
     perplexities side by side), titled with the retention ratio when there is a teacher."""
-    from .evaluation.results import _number, rows as result_rows
+    from .evaluation.results import format_number, rows as result_rows
 
     table = result_rows(results)
     if not table:
@@ -132,7 +132,7 @@ def plot_evaluation(results: dict, path: str) -> str | None:
         arrow = "↑" if row["higher_is_better"] else "↓"
         title = f"{row['task']}\n{row['metric']} {arrow}"
         if row["teacher"] is not None:
-            title += f"   retention {_number(row['retention'])}"
+            title += f"   retention {format_number(row['retention'])}"
         ax.set_title(title, fontsize=7)
         ax.tick_params(labelsize=7)
     for index in range(len(table), lines * columns):
@@ -175,16 +175,16 @@ def _summary_rows(summary: dict[str, Any]) -> str:
 
 
 def _evaluation_html(results: dict) -> str:
-    from .evaluation.results import _number, rows as result_rows
+    from .evaluation.results import format_number, rows as result_rows
 
     with_teacher = results.get("teacher") is not None
     header = ["task", "metric", "student"] + (["teacher", "retention"] if with_teacher else []) + ["n"]
     lines = ["<table class='scores'><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>"]
     for row in result_rows(results):
         arrow = "&uarr;" if row["higher_is_better"] else "&darr;"
-        cells = [html.escape(row["task"]), f"{html.escape(row['metric'])} {arrow}", _number(row["student"])]
+        cells = [html.escape(row["task"]), f"{html.escape(row['metric'])} {arrow}", format_number(row["student"])]
         if with_teacher:
-            cells += [_number(row["teacher"]), _number(row["retention"])]
+            cells += [format_number(row["teacher"]), format_number(row["retention"])]
         cells.append("" if row["samples"] is None else str(row["samples"]))
         lines.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return "\n".join(lines) + "</table>"
@@ -247,45 +247,3 @@ def report_plots(output_dir: str) -> list[str]:
     if not os.path.isdir(folder):
         return []
     return sorted(f"{PLOTS_DIR}/{name}" for name in os.listdir(folder) if name.endswith(".png"))
-
-
-def finish_run(trainer, method: str | None = None, *, push: bool = False) -> dict[str, Any]:
-    """Everything a run leaves in its output directory after training (main process only), for any llmkd trainer
-    (its ``args`` are read with getattr):
-
-    1. ``llmkd_run.json``: what the run was (:func:`llmkd.hub.run_summary`);
-    2. with ``eval_tasks``: the end-of-training evaluation (``results.json``, ``results.md``);
-    3. with ``report`` (default True): ``report.html`` and its PNGs;
-    4. the model card ``README.md``;
-    5. with ``push``: :func:`llmkd.hub.publish` to ``hub_model_id`` (or the output folder's name) at
-       ``hub_endpoint``, with ``hub_private_repo`` and ``hub_revision``.
-
-    Returns ``{"results", "report", "card", "published"}`` (None for what was not done).
-    """
-    from .evaluation import evaluate_after_training
-    from .hub import publish, run_summary, write_model_card, write_run_summary
-
-    args = trainer.args
-    output_dir = args.output_dir
-    os.makedirs(output_dir, exist_ok=True)
-    summary = run_summary(args, method)
-    write_run_summary(output_dir, summary)
-    results = failure = None
-    try:
-        results = evaluate_after_training(trainer)
-    except Exception as error:  # noqa: BLE001 - the report and card are still written, then the error is raised
-        logger.error("The end-of-training evaluation failed (%s: %s); writing the report and card without it.",
-                     type(error).__name__, error)
-        failure = error
-    report = None
-    if getattr(args, "report", True):
-        report = write_report(output_dir, trainer.state.log_history, results=results, summary=summary)
-    repo_id = getattr(args, "hub_model_id", None) or os.path.basename(os.path.abspath(output_dir))
-    card = write_model_card(output_dir, repo_id if push else None, summary=summary, results=results)
-    if failure is not None:
-        raise failure  # nothing is published from a run whose evaluation failed
-    published = None
-    if push:
-        published = publish(output_dir, repo_id, private=getattr(args, "hub_private_repo", None),
-                            revision=getattr(args, "hub_revision", None), endpoint=getattr(args, "hub_endpoint", None))
-    return {"results": results, "report": report, "card": card, "published": published}

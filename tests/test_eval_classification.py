@@ -15,7 +15,7 @@ from llmkd import DistillConfig, DistillTrainer
 from llmkd.evaluation import EvaluationError, evaluate_paths
 from llmkd.evaluation.classification import F1, Accuracy, classification_scores, predict_batches
 from llmkd.evaluation.run import score_clip_teacher
-from llmkd.report import finish_run
+from llmkd.finish import finish_run
 
 
 def f1_by_hand(predictions, references, label):

@@ -143,7 +143,7 @@ def test_finish_run_for_the_moe_and_preference_trainers(tmp_path):
     from utils import make_tokenizer, prompt_completion_rows, tiny_llama
 
     from llmkd import MoEMimicConfig, MoEMimicTrainer, PreferenceDistillConfig, PreferenceDistillTrainer
-    from llmkd.report import finish_run
+    from llmkd.finish import finish_run
 
     tokenizer = make_tokenizer()
     common = dict(per_device_train_batch_size=4, max_steps=3, logging_steps=1, save_strategy="no", report_to="none",

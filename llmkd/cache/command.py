@@ -19,6 +19,8 @@ import argparse
 import logging
 import sys
 
+from ..data import IMAGE_FIELDS
+
 logger = logging.getLogger("llmkd")
 
 
@@ -78,7 +80,6 @@ def write(known, overrides: list[str]) -> int:
     from ..loading import tokenizer_of
     from ..recipes import load_config
     from ..teacher import check_same_tokenizer, prepare_teacher
-    from ..trainers.base import IMAGE_FIELDS
     from .writer import write_teacher_cache
 
     _, config = load_config(known.config, overrides, output_fields=("teacher_cache",))  # the cache is written here

@@ -19,8 +19,10 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from ..constants import IGNORE_INDEX
+from ..data import IMAGE_FIELDS
+
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
-IGNORE_INDEX = -100
 SLICE_ROWS = 4096
 
 
@@ -34,8 +36,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def hashed_columns(dataset) -> list[str]:
     """The columns of ``dataset`` that enter the row hashes, in a fixed order."""
-    from ..trainers.base import IMAGE_FIELDS  # lazy: the trainers import this package
-
     names = [c for c in TOKEN_COLUMNS + tuple(IMAGE_FIELDS) if c in dataset.column_names]
     if "input_ids" not in names or "labels" not in names:
         raise ValueError(f"Expected a prepared dataset (llmkd.data.prepare_dataset) with 'input_ids' and 'labels' "

@@ -6,11 +6,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..constants import IGNORE_INDEX
 from ..data import DistillDataCollator
 from .encoding import EncodedTokens, TokenEncoding
 from .topk import teacher_topk
-
-IGNORE_INDEX = -100
 
 
 class TeacherPass:

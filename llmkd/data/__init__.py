@@ -1,6 +1,6 @@
 """Dataset formatting (TRL layouts -> input_ids / attention_mask / labels) and the distillation collator."""
 
-from .collator import DistillDataCollator
+from .collator import IMAGE_FIELDS, DistillDataCollator
 from .formatting import DATA_FORMATS, detect_format, prepare_dataset, tokenize_example
 
-__all__ = ["DATA_FORMATS", "DistillDataCollator", "detect_format", "prepare_dataset", "tokenize_example"]
+__all__ = ["DATA_FORMATS", "DistillDataCollator", "IMAGE_FIELDS", "detect_format", "prepare_dataset", "tokenize_example"]

@@ -10,7 +10,12 @@ import numpy as np
 import torch
 from trl.trainer.utils import pad
 
+from ..constants import IGNORE_INDEX
+
 PADDING_SIDES = ("right", "left")
+#: Batch fields that describe images and must reach student and teacher unchanged (kept through tokenization,
+#: stacked by the collator, hashed into a teacher cache's row fingerprints).
+IMAGE_FIELDS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_attention_mask")
 
 
 @dataclass
@@ -34,7 +39,7 @@ class DistillDataCollator:
     """
 
     pad_token_id: int
-    label_pad_token_id: int = -100
+    label_pad_token_id: int = IGNORE_INDEX
     pad_to_multiple_of: int | None = None
     padding_side: str = "right"
 

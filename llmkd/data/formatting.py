@@ -21,10 +21,11 @@ from transformers import ProcessorMixin
 from transformers.utils import logging
 from trl.data_utils import common_prefix_length
 
+from ..constants import IGNORE_INDEX
+
 logger = logging.get_logger(__name__)
 
 DATA_FORMATS = ("messages", "prompt_completion", "text", "tokenized")
-IGNORE_INDEX = -100
 
 _LAYOUTS_HELP = (
     "Accepted layouts (TRL conventions): a 'messages' column (list of {'role', 'content'} dicts); 'prompt' and "

@@ -60,7 +60,8 @@ def combine(student: dict, teacher: dict | None, settings: dict[str, Any]) -> di
             "settings": settings}
 
 
-def _number(value: float | None) -> str:
+def format_number(value: float | None) -> str:
+    """A score as shown in the tables and plots: ``n/a`` for None / NaN, 4 decimals, scientific from 1e4 up."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if abs(value) >= 1e4:
@@ -90,9 +91,9 @@ def markdown_table(results: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows(results):
         arrow = "↑" if row["higher_is_better"] else "↓"
-        cells = [row["task"], f"{row['metric']} {arrow}", _number(row["student"])]
+        cells = [row["task"], f"{row['metric']} {arrow}", format_number(row["student"])]
         if with_teacher:
-            cells += [_number(row["teacher"]), _number(row["retention"])]
+            cells += [format_number(row["teacher"]), format_number(row["retention"])]
         cells.append("" if row["samples"] is None else str(row["samples"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..constants import IGNORE_INDEX
 from .fused import ChunkWorkspace, FusedKL, fused_kl_ce_chunk, fused_sparse_kl_ce_chunk
 from .sparse_teacher import SparseTeacher
 
@@ -117,7 +118,7 @@ def _chunk_terms(student_logits, teacher_logits, labels, token_loss, kd_weight, 
     if entropy_sum is None:
         entropy_sum = student_logits.new_zeros(())
     if labels is not None:
-        ce_sum = F.cross_entropy(student_logits, labels, reduction="sum", ignore_index=-100)
+        ce_sum = F.cross_entropy(student_logits, labels, reduction="sum", ignore_index=IGNORE_INDEX)
     else:
         ce_sum = student_logits.new_zeros(())
     total = kd_weight * kd_sum
@@ -137,7 +138,7 @@ def teacher_cross_entropy_sum(teacher_logits, labels):
         return teacher_logits.cross_entropy_sum(labels)
     if labels is None:
         return teacher_logits.new_zeros(())
-    return F.cross_entropy(teacher_logits, labels, reduction="sum", ignore_index=-100)
+    return F.cross_entropy(teacher_logits, labels, reduction="sum", ignore_index=IGNORE_INDEX)
 
 
 def _teacher_chunk(teacher, teacher_weight, teacher_bias, transform, vocab_size, start, end):

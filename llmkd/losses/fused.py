@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..constants import IGNORE_INDEX
+
 # Logits below (row max - _FLOOR) have probability exactly 0 in float32 (exp(-104) underflows); clamping there
 # makes p * log p exactly 0 for -inf entries (masked vocabulary) instead of 0 * -inf = NaN.
 _FLOOR = 1.0e4
@@ -79,7 +81,7 @@ def row_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Te
 def label_columns(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(n,)`` labels with -100 = ignored -> ``valid`` ``(n,)`` bool and a gather index ``(n, 1)`` (ignored rows
     point at column 0; multiply what they read by ``valid``)."""
-    valid = labels != -100
+    valid = labels != IGNORE_INDEX
     return valid, torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(-1)
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..constants import IGNORE_INDEX
+
 
 @dataclass
 class SparseTeacher:
@@ -124,7 +126,7 @@ class SparseTeacher:
         the ``(n, k + 1)`` cached values only: no ``(n, V)`` tensor."""
         if labels is None:
             return self.log_probs.new_zeros((), dtype=torch.float32)
-        valid = labels != -100
+        valid = labels != IGNORE_INDEX
         log_probs, tail = self.log_probs.float(), self.tail_log_prob.float()
         hit = self.ids == labels[:, None]  # (n, k)
         rest = self.vocab_size - self.k

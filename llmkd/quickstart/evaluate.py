@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..constants import IGNORE_INDEX
 from .task import PROMPT_LENGTH
 
 
@@ -40,11 +41,11 @@ def completion_perplexity(model, tokenizer, rows: list[dict[str, str]], batch_si
         batch = rows[start : start + batch_size]
         texts = [row["prompt"] + row["completion"] + tokenizer.eos_token for row in batch]
         encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right").to(model.device)
-        labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
-        labels[:, :PROMPT_LENGTH] = -100
+        labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, IGNORE_INDEX)
+        labels[:, :PROMPT_LENGTH] = IGNORE_INDEX
         logits = model(**encoded).logits[:, :-1].float()  # (B, T-1, V)
         targets = labels[:, 1:]  # (B, T-1)
-        total_nll += F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum").item()
-        total_tokens += int((targets != -100).sum())
+        total_nll += F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
+        total_tokens += int((targets != IGNORE_INDEX).sum())
     model.train(was_training)
     return math.exp(total_nll / max(total_tokens, 1))

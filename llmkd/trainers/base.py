@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DataCollatorWithPadding, EvalPrediction, PreTrainedModel, Trainer
 
+from ..constants import IGNORE_INDEX
 from ..config import DistillConfig
-from ..data import DistillDataCollator, prepare_dataset
+from ..data import IMAGE_FIELDS, DistillDataCollator, prepare_dataset
 from ..data.classification import prepare_classification_dataset
 from ..data.sources import load_dataset_splits
 from ..heads import intercept_head, logit_transform_for, output_head, unwrap_model, verify_head_reproduction
@@ -60,8 +61,6 @@ from ..teacher import (
 
 logger = logging.getLogger(__name__)
 
-# Batch fields that describe images and must reach student and teacher unchanged.
-IMAGE_FIELDS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "image_attention_mask")
 METRIC_KEYS = ("kd", "ce", "teacher_ce", "block", "tokens")
 
 
@@ -333,7 +332,7 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         model_inputs["use_cache"] = False
         shift_labels = labels[:, 1:]
-        valid = shift_labels != -100  # (B, S-1)
+        valid = shift_labels != IGNORE_INDEX  # (B, S-1)
         target_ids = shift_labels[valid]  # (N,)
         normalizer = num_items_in_batch if num_items_in_batch is not None else valid.sum()
 

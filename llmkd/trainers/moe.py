@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..constants import IGNORE_INDEX
 from ..config import DistillConfig
 from ..heads import unwrap_model
 from ..losses.load_balancing import AUX_LOSS_TYPES
@@ -233,7 +234,7 @@ class MoEMimicTrainer(DistillTrainer):
         self.router_monitor.accumulate_load(mask, aux, model.training)
         if self.args.aux_loss_coef == 0:
             return None
-        tokens = (inputs["labels"][:, 1:] != -100).sum().to(torch.float32)
+        tokens = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum().to(torch.float32)
         share = tokens / (tokens if normalizer is None else torch.as_tensor(normalizer, dtype=torch.float32,
                                                                            device=tokens.device)).clamp_min(1.0)
         return self.args.aux_loss_coef * aux * share

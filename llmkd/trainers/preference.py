@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import DPOConfig, DPOTrainer
 
+from ..constants import IGNORE_INDEX
 from ..config import ModelSourceFields
 from ..data.sources import load_dataset_splits
 from ..heads import unwrap_model
@@ -190,7 +191,7 @@ class PreferenceDistillTrainer(TrainingGuardsMixin, DPOTrainer):
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
         completion_mask = inputs["completion_mask"]  # (2B, S): chosen rows then rejected rows
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, IGNORE_INDEX)
         recording = self.router_monitor.recording() if self.router_monitor is not None else contextlib.nullcontext()
         with recording:
             outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
