@@ -11,7 +11,7 @@ logger = logging.getLogger("llmkd")
 
 
 METHOD_SUMMARIES = {
-    "kd": "DistillTrainer: any divergence (fkl, rkl, jsd, skew_fkl, skew_rkl, tvd) mixed with CE",
+    "kd": "DistillTrainer: any divergence (fkl, rkl, jsd, skew_fkl, skew_rkl, tvd, abkd) mixed with CE",
     "taid": "TAIDTrainer: a target interpolated from the student to the teacher (docs/TAID.md)",
     "sinkd": "SinKDTrainer: a Sinkhorn (optimal-transport) term beside KD and CE (docs/SINKD.md)",
     "moe_mimic": "MoEMimicTrainer: LLaVA-MoD stage 1, d2d or d2s on an upcycled MoE student (docs/MOE.md)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -124,12 +125,16 @@ class DistillConfig(ModelSourceFields, TrainingArguments):
         cache_shard_rows: dataset rows per cache shard (1024).
 
     Parameters that control the loss:
-        divergence: ``fkl`` (forward KL, Hinton KD), ``rkl``, ``jsd``, ``skew_fkl``, ``skew_rkl`` or ``tvd``; the
-            long names are accepted too (``kl`` and ``forward_kl`` = ``fkl``, ``reverse_kl``, ``generalized_jsd``,
-            ``skew_forward_kl``, ``skew_reverse_kl``).
+        divergence: ``fkl`` (forward KL, Hinton KD), ``rkl``, ``jsd``, ``skew_fkl``, ``skew_rkl``, ``tvd`` or
+            ``abkd`` (ABKD's alpha-beta divergence), or any name added with
+            :func:`llmkd.losses.register_divergence`; the long names are accepted too (``kl`` and ``forward_kl`` =
+            ``fkl``, ``reverse_kl``, ``generalized_jsd``, ``skew_forward_kl``, ``skew_reverse_kl``, ``alpha_beta``).
         temperature: softens both distributions; the divergence is multiplied by ``T^2``.
         jsd_beta: mixture weight of the generalized JSD (0 -> forward KL, 1 -> reverse KL).
         skew_alpha: skew coefficient of the skew KLs (DistiLLM, 0.1).
+        divergence_kwargs: the divergence's other hyperparameters, by the names of its kernel's keyword
+            parameters, e.g. ``{ab_alpha: 0.2, ab_beta: 0.7}`` for ``abkd`` (its defaults); a name the divergence
+            does not take is an error (JSON on the command line: ``--divergence_kwargs '{"ab_alpha": 0.5}'``).
         kd_ratio: loss = ``(1 - kd_ratio) * CE + kd_ratio * divergence``, both token means over the global batch.
         use_chunked_loss: compute the loss with the chunked engine (never materialises token x vocab logits).
             False uses the models' own full logits (the dense reference path).
@@ -179,11 +184,13 @@ class DistillConfig(ModelSourceFields, TrainingArguments):
     cache_shard_rows: int = field(default=1024, metadata={"help": "Dataset rows per cache shard."})
     # loss
     divergence: str = field(default="fkl", metadata={
-        "help": "fkl, rkl, jsd, skew_fkl, skew_rkl or tvd (also accepted: kl and forward_kl = fkl, reverse_kl = rkl, "
-                "generalized_jsd = jsd, skew_forward_kl, skew_reverse_kl)."})
+        "help": "fkl, rkl, jsd, skew_fkl, skew_rkl, tvd or abkd (also accepted: kl and forward_kl = fkl, reverse_kl = "
+                "rkl, generalized_jsd = jsd, skew_forward_kl, skew_reverse_kl, alpha_beta = abkd)."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature (loss scaled by T^2)."})
     jsd_beta: float = field(default=0.5, metadata={"help": "Generalized JSD mixture weight."})
     skew_alpha: float = field(default=0.1, metadata={"help": "Skew KL coefficient."})
+    divergence_kwargs: dict | str | None = field(default=None, metadata={
+        "help": "The divergence's other hyperparameters, e.g. '{\"ab_alpha\": 0.2, \"ab_beta\": 0.7}' for abkd."})
     kd_ratio: float = field(default=0.5, metadata={"help": "Weight of the divergence; CE gets 1 - kd_ratio."})
     use_chunked_loss: bool = field(default=True, metadata={"help": "Use the chunked engine (default)."})
     loss_chunk_size: int | None = field(
@@ -211,5 +218,25 @@ class DistillConfig(ModelSourceFields, TrainingArguments):
             raise ValueError("cache_top_k and cache_shard_rows must be >= 1.")
         if self.cache_temperature <= 0:
             raise ValueError(f"cache_temperature must be > 0, got {self.cache_temperature}.")
+        self.divergence_kwargs = _as_keyword_dict(self.divergence_kwargs, "divergence_kwargs")
+        shared = sorted({"alpha", "beta"} & set(self.divergence_kwargs))
+        if shared:
+            raise ValueError(f"divergence_kwargs sets {shared}: set jsd_beta (the jsd's beta) or skew_alpha (the skew "
+                             "KLs' alpha) instead.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}.")
+
+
+def _as_keyword_dict(value, name: str) -> dict:
+    """A dict-valued field given as a dict, a JSON object string (the command line) or None (-> ``{}``)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name} must be a JSON object such as '{{\"ab_alpha\": 0.5}}', got {value!r} "
+                             f"({error}).") from None
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise ValueError(f"{name} must map parameter names to values, got {value!r}.")
+    return dict(value)

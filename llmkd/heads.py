@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .losses.chunked import LogitTransform
+from .losses.head import LogitTransform
 
 
 class UnsupportedModelError(ValueError):

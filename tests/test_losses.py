@@ -11,10 +11,12 @@ import math
 
 import pytest
 import torch
-from divergence_reference import divergence_of_probs
+from divergence_reference import CASE_IDS, CASES, LIMIT_IDS, LIMITS, REFERENCES, divergence_of_probs
 
 from llmkd.losses import (
+    DIVERGENCES,
     Divergence,
+    alpha_beta_divergence,
     forward_kl,
     generalized_jsd,
     get_divergence,
@@ -45,14 +47,14 @@ def ref_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return e / e.sum(dim=-1, keepdim=True)
 
 
-def ref_divergence(name, student_logits, teacher_logits, temperature=1.0, beta=0.5, alpha=0.1):
+def ref_divergence(name, student_logits, teacher_logits, temperature=1.0, beta=0.5, alpha=0.1, **params):
     """Per-position divergence (shape ``(...)``), float64, scaled by T^2."""
     q = ref_softmax(student_logits, temperature)
     p = ref_softmax(teacher_logits, temperature)
-    return divergence_of_probs(name, p, q, beta=beta, alpha=alpha) * temperature**2
+    return divergence_of_probs(name, p, q, beta=beta, alpha=alpha, **params) * temperature**2
 
 
-def py_divergence(name, zs, zt, temperature=1.0, beta=0.5, alpha=0.1):
+def py_divergence(name, zs, zt, temperature=1.0, beta=0.5, alpha=0.1, ab_alpha=0.2, ab_beta=0.7):
     """The same as :func:`ref_divergence` for ONE position, in pure Python floats and loops (a check of the check)."""
 
     def softmax(z):
@@ -77,6 +79,10 @@ def py_divergence(name, zs, zt, temperature=1.0, beta=0.5, alpha=0.1):
         d = kl(p, [alpha * pi + (1 - alpha) * qi for pi, qi in zip(p, q)])
     elif name == "skew_rkl":
         d = kl(q, [alpha * qi + (1 - alpha) * pi for pi, qi in zip(p, q)])
+    elif name == "abkd":
+        a, b = ab_alpha, ab_beta  # the interior cases only (a, b > 0)
+        d = -sum(pi**a * qi**b - a / (a + b) * pi ** (a + b) - b / (a + b) * qi ** (a + b)
+                 for pi, qi in zip(p, q)) / (a * b)
     else:
         d = 0.5 * sum(abs(pi - qi) for pi, qi in zip(p, q))
     return d * temperature**2
@@ -104,34 +110,20 @@ PUBLIC = {
     "skew_fkl": skew_forward_kl,
     "skew_rkl": skew_reverse_kl,
     "tvd": tvd,
+    "abkd": alpha_beta_divergence,
 }
-KERNELS = {
-    "fkl": D.forward_kl_per_token,
-    "rkl": D.reverse_kl_per_token,
-    "jsd": D.jsd_per_token,
-    "skew_fkl": D.skew_forward_kl_per_token,
-    "skew_rkl": D.skew_reverse_kl_per_token,
-    "tvd": D.tvd_per_token,
-}
-NAMES = list(PUBLIC)
-
-# (name, hyperparameters) pairs covering interior values of beta / alpha
-CASES = [
-    ("fkl", {}),
-    ("rkl", {}),
-    ("jsd", {"beta": 0.5}),
-    ("jsd", {"beta": 0.1}),
-    ("jsd", {"beta": 0.9}),
-    ("skew_fkl", {"alpha": 0.1}),
-    ("skew_fkl", {"alpha": 0.4}),
-    ("skew_rkl", {"alpha": 0.1}),
-    ("skew_rkl", {"alpha": 0.4}),
-    ("tvd", {}),
-]
-CASE_IDS = [name + "".join(f"-{k}{v}" for k, v in kw.items()) for name, kw in CASES]
+KERNELS = {name: entry.kernel for name, entry in DIVERGENCES.items()}
+NAMES = list(REFERENCES)
 
 # the divergences whose value stays finite when the teacher gives zero probability to a token the student does not
-FINITE_WITH_TEACHER_ZEROS = [c for c in CASES if c[0] != "rkl"]
+FINITE_WITH_TEACHER_ZEROS = [c for c in CASES if REFERENCES[c[0]].finite_with_teacher_zeros]
+FINITE_WITH_TEACHER_ZEROS_IDS = [i for c, i in zip(CASES, CASE_IDS) if REFERENCES[c[0]].finite_with_teacher_zeros]
+
+
+def test_every_registered_divergence_has_a_reference_and_a_public_function():
+    assert list(DIVERGENCES) == list(REFERENCES) == list(PUBLIC)
+    for name, reference in REFERENCES.items():
+        assert tuple(DIVERGENCES[name].defaults) == reference.params, name
 
 
 def call(name, student, teacher, mask=None, **kw):
@@ -139,7 +131,7 @@ def call(name, student, teacher, mask=None, **kw):
 
 
 def ref_kw(kw):
-    return {k: v for k, v in kw.items() if k in ("beta", "alpha")}
+    return dict(kw)
 
 
 def make_logits(shape, seed=0, scale=2.0):
@@ -240,8 +232,8 @@ def test_one_dimensional_and_two_dimensional_logits(name, kw):
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name,kw",
-    CASES + [("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}), ("skew_fkl", {"alpha": 0.0}), ("skew_rkl", {"alpha": 0.0})],
-    ids=CASE_IDS + ["jsd-beta0.0", "jsd-beta1.0", "skew_fkl-alpha0.0", "skew_rkl-alpha0.0"],
+    CASES + LIMITS,
+    ids=CASE_IDS + LIMIT_IDS,
 )
 @pytest.mark.parametrize("temperature", [1.0, 1.7])
 def test_kernel_gradcheck_float64(name, kw, temperature):
@@ -484,8 +476,7 @@ def test_neg_inf_in_both_gradients_are_finite_and_exact(name, kw):
     rel_close(s.grad.double(), s64.grad, rtol=1e-4, atol_scale=1e-5)
 
 
-@pytest.mark.parametrize("name,kw", FINITE_WITH_TEACHER_ZEROS, ids=[i for c, i in zip(CASES, CASE_IDS)
-                                                                    if c[0] != "rkl"])
+@pytest.mark.parametrize("name,kw", FINITE_WITH_TEACHER_ZEROS, ids=FINITE_WITH_TEACHER_ZEROS_IDS)
 def test_teacher_neg_inf_with_finite_student_is_finite(name, kw):
     student, teacher = make_logits(SHAPE, seed=17)
     teacher = teacher.clone()

@@ -144,7 +144,8 @@ def test_cli_reports_unknown_keys(tmp_path):
     assert "Unknown key 'teacher'" in result.stderr
 
 
-@pytest.mark.parametrize("recipe", ["recipes/kd/tiny.yaml", "recipes/taid/tiny.yaml", "recipes/sinkd/tiny-lm.yaml",
+@pytest.mark.parametrize("recipe", ["recipes/kd/tiny.yaml", "recipes/kd/abkd-tiny.yaml", "recipes/taid/tiny.yaml",
+                                    "recipes/sinkd/tiny-lm.yaml",
                                     "recipes/sinkd/tiny-cls.yaml"])
 def test_tiny_recipe_trains_offline_from_the_repository_root(tmp_path, recipe):
     """The offline recipes as shipped, shortened to a few steps; the recipe copy is the effective recipe."""

@@ -8,11 +8,12 @@ output heads; the MoE load-balancing loss and the preference losses with a teach
 
 from .chunked import (
     DistillationLossOutput,
-    LogitTransform,
     chunked_distillation_loss,
     dense_distillation_loss,
 )
+from .head import LogitTransform
 from .divergences import (
+    alpha_beta_divergence,
     forward_kl,
     generalized_jsd,
     reverse_kl,
@@ -24,12 +25,14 @@ from .divergences import (
 from .load_balancing import expert_assignment_counts, load_balancing_loss
 from .preference import PREFERENCE_LOSSES, dpo_sigmoid_loss, kto_pair_loss, preference_loss
 from .reduction import reduce_token_losses
-from .registry import Divergence, get_divergence
+from .registry import DIVERGENCES, Divergence, get_divergence, register_divergence
 from .sparse_teacher import SparseTeacher
 from .sinkhorn import SinkhornTerm, sinkhorn_blocks, sinkhorn_loss, sinkhorn_plan
 from .taid import TAIDSchedule, TAIDTokenLoss, taid_loss
 
 __all__ = [
+    "alpha_beta_divergence",
+    "DIVERGENCES",
     "Divergence",
     "DistillationLossOutput",
     "LogitTransform",
@@ -44,6 +47,7 @@ __all__ = [
     "forward_kl",
     "generalized_jsd",
     "get_divergence",
+    "register_divergence",
     "reduce_token_losses",
     "reverse_kl",
     "skew_forward_kl",

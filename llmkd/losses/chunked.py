@@ -30,37 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from ..constants import IGNORE_INDEX
+from .head import IDENTITY, LogitTransform, project, project_into
 from .fused import ChunkWorkspace, FusedKL, fused_kl_ce_chunk, fused_sparse_kl_ce_chunk
 from .sparse_teacher import SparseTeacher
 
 TokenLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BlockLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (n, V), (n, V) -> scalar
-
-
-@dataclass(frozen=True)
-class LogitTransform:
-    """A model's post-processing of its head output: ``z = cap * tanh(scale * x / cap)`` (no tanh if cap is None).
-
-    ``scale`` covers Cohere's ``logit_scale`` (multiply) and Granite's ``logits_scaling`` (divide, scale = 1/s);
-    ``softcap`` covers Gemma 2/3's ``final_logit_softcapping``.
-    """
-
-    scale: float = 1.0
-    softcap: float | None = None
-
-    @property
-    def is_identity(self) -> bool:
-        return self.scale == 1.0 and self.softcap is None
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.scale != 1.0:
-            logits = logits * self.scale
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-
-IDENTITY = LogitTransform()
 
 
 @dataclass
@@ -83,16 +58,6 @@ class DistillationLossOutput:
     num_tokens: int
     block_sum: torch.Tensor | None = None
     target_entropy_sum: torch.Tensor | None = None
-
-
-def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform,
-            vocab_size: int) -> torch.Tensor:
-    """Logits of one chunk in float32: ``transform(hidden @ weight[:vocab_size].T + bias[:vocab_size])``.
-
-    hidden ``(n, H)``, weight ``(V_model, H)`` -> ``(n, vocab_size)``.
-    """
-    logits = F.linear(hidden, weight[:vocab_size], None if bias is None else bias[:vocab_size])
-    return transform(logits.float())
 
 
 def reports_target_entropy(token_loss) -> bool:
@@ -245,18 +210,6 @@ def _fused_spec(token_loss, teacher, student_transform) -> FusedKL | None:
     return describe()
 
 
-def _project_into(hidden, weight, bias, vocab_size, out):
-    """``hidden @ weight[:vocab_size].T (+ bias)`` in float32, written into ``out`` when the head is float32 (no
-    allocation), else computed in the head's dtype and cast."""
-    weight = weight[:vocab_size]
-    bias = None if bias is None else bias[:vocab_size]
-    if weight.dtype == torch.float32 and hidden.dtype == torch.float32:
-        if bias is None:
-            return torch.matmul(hidden, weight.t(), out=out)
-        return torch.addmm(bias, hidden, weight.t(), out=out)
-    return F.linear(hidden, weight, bias).float()
-
-
 def _fused_chunk(hidden, head, teacher_head, vocab_size, labels, spec, weights, workspace, start, end,
                  densify_cached=False):
     """One chunk on the fast path: returns the gradient with respect to the student's logits ``(n, V)`` and the
@@ -267,12 +220,12 @@ def _fused_chunk(hidden, head, teacher_head, vocab_size, labels, spec, weights, 
     teacher, teacher_weight, teacher_bias, teacher_transform = teacher_head
     rows = end - start
     with torch.no_grad():
-        student_logits = _project_into(hidden, head[0].detach(), None if head[1] is None else head[1].detach(),
+        student_logits = project_into(hidden, head[0].detach(), None if head[1] is None else head[1].detach(),
                                        vocab_size, workspace.get("student_logits", rows))
         if isinstance(teacher, SparseTeacher):
             teacher_logits = teacher[start:end]
         else:
-            teacher_logits = _project_into(teacher[start:end], teacher_weight, teacher_bias, vocab_size,
+            teacher_logits = project_into(teacher[start:end], teacher_weight, teacher_bias, vocab_size,
                                            workspace.get("teacher_logits", rows))
             teacher_logits = teacher_transform(teacher_logits).float()
     block_sum = block_grad = None

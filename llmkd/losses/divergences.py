@@ -32,6 +32,7 @@ __all__ = [
     "skew_forward_kl",
     "skew_reverse_kl",
     "tvd",
+    "alpha_beta_divergence",
     "kl_per_token",
     "forward_kl_per_token",
     "reverse_kl_per_token",
@@ -39,6 +40,7 @@ __all__ = [
     "skew_forward_kl_per_token",
     "skew_reverse_kl_per_token",
     "tvd_per_token",
+    "alpha_beta_per_token",
 ]
 
 
@@ -216,3 +218,99 @@ def skew_reverse_kl(
 def tvd(student_logits, teacher_logits, mask=None, *, temperature=1.0, reduction="mean", num_items_in_batch=None):
     """Total variation distance 0.5 * sum |p - q|. Shapes as :func:`forward_kl`."""
     return _apply(tvd_per_token, student_logits, teacher_logits, mask, temperature, reduction, num_items_in_batch)
+
+
+
+
+def alpha_beta_divergence(student_logits, teacher_logits, mask=None, *, ab_alpha=0.2, ab_beta=0.7, temperature=1.0,
+                          reduction="mean", num_items_in_batch=None):
+    """The alpha-beta divergence of ABKD (:func:`alpha_beta_per_token`; ``ab_alpha = 1, ab_beta = 0`` is forward
+    KL, ``0, 1`` reverse KL). Shapes as :func:`forward_kl`."""
+    return _apply(
+        alpha_beta_per_token, student_logits, teacher_logits, mask, temperature, reduction, num_items_in_batch,
+        ab_alpha=ab_alpha, ab_beta=ab_beta,
+    )
+
+def alpha_beta_per_token(log_q: torch.Tensor, log_p: torch.Tensor, ab_alpha: float = 0.2,
+                         ab_beta: float = 0.7) -> torch.Tensor:
+    """The alpha-beta divergence of ABKD (Wang et al., ICML 2025; Cichocki et al., 2011) between the teacher ``p``
+    and the student ``q``, per row (docs/ALGORITHMS.md section 0.8), with ``a = ab_alpha``, ``b = ab_beta``:
+
+        D_AB = -1 / (a b) * sum_v ( p^a q^b - a / (a + b) p^(a + b) - b / (a + b) q^(a + b) )      a, b > 0
+
+    and the limits of that formula where a parameter is 0: ``b = 0`` gives
+    ``1 / a^2 sum_v (p^a log(p^a / q^a) - p^a + q^a)`` (forward KL at a = 1), ``a = 0`` gives
+    ``1 / b^2 sum_v (q^b log(q^b / p^b) - q^b + p^b)`` (reverse KL at b = 1) and ``a = b = 0`` gives
+    ``1/2 sum_v (log p - log q)^2``. ``a`` moves the focus to the tokens the teacher is confident of, ``b`` to those
+    the student is; the default (0.2, 0.7) is the official code's LLM setting. Both must be >= 0 (the paper's
+    range): a negative power of a zero probability is infinite.
+
+    Each term of the sum is >= 0 (weighted AM-GM); it is computed in a form that never subtracts nearly equal
+    numbers (``expm1`` of the log-ratio), so that a student close to its teacher gets a loss and a gradient
+    accurate to float32 rounding instead of the formula's cancellation error.
+
+    Args:
+        log_q: ``(N, V)`` float32 student log-probabilities (may hold ``-inf``).
+        log_p: ``(N, V)`` float32 teacher log-probabilities.
+    Returns:
+        ``(N,)`` float32; entries where both probabilities are 0 contribute exactly 0.
+    """
+    a, b = float(ab_alpha), float(ab_beta)
+    if not (a >= 0 and b >= 0):  # also refuses NaN
+        raise ValueError(f"the alpha-beta divergence needs ab_alpha >= 0 and ab_beta >= 0, got ab_alpha={ab_alpha}, "
+                         f"ab_beta={ab_beta}.")
+    zero = torch.zeros((), dtype=log_q.dtype, device=log_q.device)
+    both_zero = torch.isneginf(log_p) & torch.isneginf(log_q)
+    log_p = torch.where(both_zero, zero, log_p)  # finite stand-ins, zeroed below: no NaN in the backward
+    log_q = torch.where(both_zero, zero, log_q)
+    if a > 0 and b > 0:
+        terms = _alpha_beta_terms(log_p, log_q, a, b)
+    elif a > 0:
+        terms = _powered_kl_terms(log_p, log_q, a)
+    elif b > 0:
+        terms = _powered_kl_terms(log_q, log_p, b)
+    else:
+        terms = 0.5 * (log_p - log_q).square()
+    return torch.where(both_zero, zero, terms).sum(-1)
+
+
+def _alpha_beta_terms(log_p: torch.Tensor, log_q: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """``(w x + (1 - w) y - x^w y^(1 - w)) / (a b)`` with ``x = p^(a+b)``, ``y = q^(a+b)``, ``w = a / (a + b)``: the
+    general-case term, written around the larger of ``x`` and ``y`` as ``larger * (u expm1(d) - expm1(u d))`` with
+    ``d = log(smaller / larger) <= 0`` and ``u`` the weight of the smaller side; for ``|d| < 1`` as
+    ``larger * (u E(d) - E(u d))``, ``E(t) = expm1(t) - t``, whose two terms are both O(d^2) (no cancellation)."""
+    s = a + b
+    teacher_larger = log_p >= log_q
+    log_larger = torch.maximum(log_p, log_q)
+    d = s * (torch.minimum(log_p, log_q) - log_larger)
+    u = torch.where(teacher_larger, torch.tensor(b / s, dtype=d.dtype, device=d.device),
+                    torch.tensor(a / s, dtype=d.dtype, device=d.device))
+    near_zero = d > -1.0
+    d_near = torch.where(near_zero, d, torch.zeros((), dtype=d.dtype, device=d.device))
+    bracket = torch.where(near_zero, u * _expm1_minus_x(d_near) - _expm1_minus_x(u * d_near),
+                          u * torch.expm1(d) - torch.expm1(u * d))
+    return torch.exp(s * log_larger) * bracket / (a * b)
+
+
+def _powered_kl_terms(log_x: torch.Tensor, log_y: torch.Tensor, c: float) -> torch.Tensor:
+    """``(x^c log(x^c / y^c) - x^c + y^c) / c^2``, the generalized KL between the powered distributions, as
+    ``x^c E(d) / c^2`` with ``d = c log(y / x)``, ``E(t) = expm1(t) - t`` (and ``y^c - x^c - x^c d`` where ``d`` is
+    large, so that ``expm1`` cannot overflow)."""
+    x, y = torch.exp(c * log_x), torch.exp(c * log_y)
+    live = x > 0
+    d = torch.where(live, c * (log_y - log_x), torch.zeros((), dtype=log_x.dtype, device=log_x.device))
+    small = d < 20.0
+    near = x * _expm1_minus_x(torch.clamp(d, max=20.0))
+    far = -y * torch.expm1(-d) - x * d
+    return torch.where(live, torch.where(small, near, far), y) / c**2
+
+
+def _expm1_minus_x(t: torch.Tensor) -> torch.Tensor:
+    """``exp(t) - 1 - t`` accurate to rounding for every ``t`` (a Taylor series to ``t^16`` for ``|t| <= 1/2``, where
+    computing it as ``expm1(t) - t`` would cancel); ``+inf`` at ``t = -inf``."""
+    small = t.abs() <= 0.5
+    ts = torch.where(small, t, torch.zeros((), dtype=t.dtype, device=t.device))
+    series = torch.zeros_like(ts)
+    for k in range(16, 1, -1):  # Horner: t^2 (1/2! + t (1/3! + ... + t / 16!)); truncation < 1e-19 relative
+        series = (series + 1.0 / math.factorial(k)) * (ts if k > 2 else ts * ts)
+    return torch.where(small, series, torch.expm1(t) - t)

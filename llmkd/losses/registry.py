@@ -1,19 +1,25 @@
 """Divergences by name, as token-loss callables the chunked engine (and the trainers) consume.
 
 A *token loss* is any callable ``(student_logits (N, V), teacher_logits (N, V)) -> (N,)`` returning float32
-per-position losses (already scaled, e.g. by T^2). Adding a divergence costs one kernel in
-:mod:`llmkd.losses.divergences` and one line in :data:`DIVERGENCE_KERNELS`.
+per-position losses (already scaled, e.g. by T^2). A divergence is a *kernel* on float32 log-probabilities,
+``kernel(log_q (N, V), log_p (N, V), **params) -> (N,)`` (student first), registered by name with
+:func:`register_divergence`; its hyperparameters are the kernel's keyword parameters, their defaults the kernel's
+defaults, and :func:`get_divergence` checks what it is given against that signature. Adding a divergence costs one
+kernel (:mod:`llmkd.losses.divergences`), one :func:`register_divergence` line, and one entry in the tests'
+reference table (``tests/divergence_reference.py``); every test that loops over :data:`DIVERGENCES` then covers it.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from .divergences import (
+    alpha_beta_per_token,
     forward_kl_per_token,
     jsd_per_token,
     reverse_kl_per_token,
@@ -25,23 +31,71 @@ from .divergences import (
 from .fused import FusedKL
 from .sparse_teacher import SparseTeacher
 
-# name -> (kernel on (log_q, log_p), names of the kernel's own hyperparameters)
-DIVERGENCE_KERNELS: dict[str, tuple[Callable[..., torch.Tensor], tuple[str, ...]]] = {
-    "fkl": (forward_kl_per_token, ()),
-    "rkl": (reverse_kl_per_token, ()),
-    "jsd": (jsd_per_token, ("beta",)),
-    "skew_fkl": (skew_forward_kl_per_token, ("alpha",)),
-    "skew_rkl": (skew_reverse_kl_per_token, ("alpha",)),
-    "tvd": (tvd_per_token, ()),
-}
-ALIASES = {
-    "forward_kl": "fkl",
-    "kl": "fkl",
-    "reverse_kl": "rkl",
-    "generalized_jsd": "jsd",
-    "skew_forward_kl": "skew_fkl",
-    "skew_reverse_kl": "skew_rkl",
-}
+Kernel = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RegisteredDivergence:
+    """A divergence kernel and its hyperparameters (``name -> default``, read from the kernel's signature)."""
+
+    name: str
+    kernel: Kernel
+    defaults: dict[str, Any]
+
+
+#: canonical name -> :class:`RegisteredDivergence`, in registration order
+DIVERGENCES: dict[str, RegisteredDivergence] = {}
+#: other accepted name -> canonical name
+ALIASES: dict[str, str] = {}
+
+
+def register_divergence(name: str, kernel: Kernel, *, aliases: tuple[str, ...] = ()) -> RegisteredDivergence:
+    """Make ``kernel`` available as ``get_divergence(name)`` (and as ``divergence: name`` in every config).
+
+    ``kernel(log_q, log_p, **params)`` takes the student's and the teacher's float32 log-probabilities
+    ``(N, V)`` (rows may hold ``-inf``: zero-probability tokens) and returns ``(N,)``, unscaled (the
+    :class:`Divergence` applies ``T^2``); every further parameter must be keyword-able and have a default, and it
+    should raise ``ValueError`` on a value outside its domain (:func:`get_divergence` calls it once on a probe to
+    validate eagerly). Raises ``ValueError`` if the name or an alias is taken or the signature does not fit.
+    """
+    parameters = list(inspect.signature(kernel).parameters.values())
+    if len(parameters) < 2 or any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters[:2]):
+        raise ValueError(f"A divergence kernel takes (log_q, log_p, **params); {kernel.__qualname__} does not.")
+    defaults = {}
+    for parameter in parameters[2:]:
+        if parameter.default is inspect.Parameter.empty or parameter.kind in (parameter.VAR_POSITIONAL,
+                                                                              parameter.VAR_KEYWORD):
+            raise ValueError(f"Every hyperparameter of a divergence kernel needs a default; {kernel.__qualname__}'s "
+                             f"{parameter.name!r} has none.")
+        defaults[parameter.name] = parameter.default
+    for key in (name, *aliases):
+        if key in DIVERGENCES or key in ALIASES:
+            raise ValueError(f"The divergence name {key!r} is already registered.")
+    entry = RegisteredDivergence(name, kernel, defaults)
+    DIVERGENCES[name] = entry
+    ALIASES.update({alias: name for alias in aliases})
+    return entry
+
+
+register_divergence("fkl", forward_kl_per_token, aliases=("forward_kl", "kl"))
+register_divergence("rkl", reverse_kl_per_token, aliases=("reverse_kl",))
+register_divergence("jsd", jsd_per_token, aliases=("generalized_jsd",))
+register_divergence("skew_fkl", skew_forward_kl_per_token, aliases=("skew_forward_kl",))
+register_divergence("skew_rkl", skew_reverse_kl_per_token, aliases=("skew_reverse_kl",))
+register_divergence("tvd", tvd_per_token)
+register_divergence("abkd", alpha_beta_per_token, aliases=("alpha_beta",))
+
+
+def canonical_divergence_name(name: str) -> str:
+    """The registered name of ``name`` (an alias such as ``forward_kl`` -> ``fkl``); a ``ValueError`` that lists
+    the choices and suggests the closest one for an unknown name."""
+    canonical = ALIASES.get(name, name)
+    if canonical not in DIVERGENCES:
+        choices = sorted(set(DIVERGENCES) | set(ALIASES))
+        close = difflib.get_close_matches(name, choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown divergence {name!r}; choose one of {choices}.{hint}")
+    return canonical
 
 
 @dataclass(frozen=True)
@@ -60,7 +114,7 @@ class Divergence:
     def __call__(self, student_logits: torch.Tensor, teacher_logits) -> torch.Tensor:
         """``teacher_logits``: ``(N, V)``, or a cached top-k :class:`SparseTeacher`: the divergence is then computed
         on the top-k support plus one tail bucket, exactly (see :mod:`.sparse_teacher`)."""
-        kernel, _ = DIVERGENCE_KERNELS[self.name]
+        kernel = DIVERGENCES[self.name].kernel
         log_q = softened_log_probs(student_logits, self.temperature)
         if isinstance(teacher_logits, SparseTeacher):
             teacher_logits.check_temperature(self.temperature)
@@ -78,22 +132,29 @@ class Divergence:
         return FusedKL(temperature=self.temperature, factor=self.temperature**2 if self.scale_by_t2 else 1.0)
 
 
-def get_divergence(name: str, *, temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
-                   scale_by_t2: bool = True) -> Divergence:
-    """Build a :class:`Divergence` by name (``fkl``, ``rkl``, ``jsd``, ``skew_fkl``, ``skew_rkl``, ``tvd`` or an
-    alias such as ``forward_kl``). ``beta`` is used by ``jsd`` only, ``alpha`` by the skew KLs only."""
-    canonical = ALIASES.get(name, name)
-    if canonical not in DIVERGENCE_KERNELS:
-        choices = sorted(set(DIVERGENCE_KERNELS) | set(ALIASES))
-        close = difflib.get_close_matches(name, choices, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown divergence {name!r}; choose one of {choices}.{hint}")
+def get_divergence(name: str, *, temperature: float = 1.0, beta: float | None = None, alpha: float | None = None,
+                   scale_by_t2: bool = True, **params: Any) -> Divergence:
+    """Build a :class:`Divergence` by name (any of :data:`DIVERGENCES` or an alias such as ``forward_kl``).
+
+    ``params`` are the divergence's own hyperparameters (``get_divergence("abkd", ab_alpha=0.5, ab_beta=0.5)``):
+    each must be a keyword parameter of its kernel (a ``ValueError`` names the accepted ones), the rest keep the
+    kernel's defaults, and the values are validated here, once, rather than at the first training step.
+    ``beta`` and ``alpha`` are the configs' shared knobs ``jsd_beta`` and ``skew_alpha``: they set the parameter of
+    that name of whichever divergence has one (``jsd``'s beta, the skew KLs' alpha) and are ignored by the others.
+    """
+    canonical = canonical_divergence_name(name)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    _, param_names = DIVERGENCE_KERNELS[canonical]
-    given = {"beta": beta, "alpha": alpha}
-    params = {key: given[key] for key in param_names}
+    entry = DIVERGENCES[canonical]
+    unknown = sorted(set(params) - set(entry.defaults))
+    if unknown:
+        accepted = ", ".join(f"{key}={value!r}" for key, value in entry.defaults.items()) or "none"
+        raise ValueError(f"The divergence {canonical!r} has no parameter {', '.join(map(repr, unknown))}; its "
+                         f"parameters (with their defaults) are: {accepted}.")
+    shared = {key: value for key, value in (("beta", beta), ("alpha", alpha))
+              if value is not None and key in entry.defaults and key not in params}
+    resolved = {**entry.defaults, **shared, **params}
     # validate hyperparameters once, here, rather than at the first training step
     probe = torch.zeros(1, 2)
-    DIVERGENCE_KERNELS[canonical][0](probe, probe, **params)
-    return Divergence(canonical, temperature, params, scale_by_t2)
+    entry.kernel(probe, probe, **resolved)
+    return Divergence(canonical, temperature, resolved, scale_by_t2)

@@ -64,6 +64,13 @@ logger = logging.getLogger(__name__)
 METRIC_KEYS = ("kd", "ce", "teacher_ce", "block", "tokens")
 
 
+def divergence_from_config(config, *, scale_by_t2: bool = True):
+    """The :class:`~llmkd.losses.Divergence` a config names: ``divergence`` at ``temperature``, with ``jsd_beta``,
+    ``skew_alpha`` and ``divergence_kwargs`` (checked against the divergence's parameters)."""
+    return get_divergence(config.divergence, temperature=config.temperature, beta=config.jsd_beta,
+                          alpha=config.skew_alpha, scale_by_t2=scale_by_t2, **(config.divergence_kwargs or {}))
+
+
 class DistillTrainer(TrainingGuardsMixin, Trainer):
     """Distil ``teacher_model`` into ``model`` with a divergence of docs/ALGORITHMS.md section 0.
 
@@ -165,9 +172,7 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
         self.teacher = None if teacher_model is None else prepare_teacher(
             teacher_model, self.accelerator, is_deepspeed=self.is_deepspeed_enabled, is_fsdp=self.is_fsdp_enabled
         )
-        self.divergence = get_divergence(
-            args.divergence, temperature=args.temperature, beta=args.jsd_beta, alpha=args.skew_alpha
-        )
+        self.divergence = divergence_from_config(args)
         self._metric_sums = {True: defaultdict(float), False: defaultdict(float)}
 
     # ------------------------------------------------------------------------------------------------ set-up

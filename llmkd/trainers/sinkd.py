@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import DistillConfig
-from ..losses import SinkhornTerm, get_divergence, sinkhorn_blocks
+from ..losses import SinkhornTerm, sinkhorn_blocks
 from ..losses.sinkhorn import SINKHORN_MODES
-from .base import DistillTrainer
+from .base import DistillTrainer, divergence_from_config
 
 
 @dataclass
@@ -96,8 +96,7 @@ class SinKDTrainer(DistillTrainer):
         if not isinstance(self.args, SinKDConfig):
             raise TypeError(f"SinKDTrainer needs a SinKDConfig, got {type(self.args).__name__}.")
         config = self.args
-        self.divergence = get_divergence(config.divergence, temperature=config.temperature, beta=config.jsd_beta,
-                                         alpha=config.skew_alpha, scale_by_t2=False)
+        self.divergence = divergence_from_config(config, scale_by_t2=False)
         self.sinkhorn = SinkhornTerm(
             temperature=config.sinkhorn_temperature, epsilon=config.sinkhorn_epsilon,
             iterations=config.sinkhorn_iterations, scale=config.sinkhorn_scale,
