@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_dho_support import tiny_student, tiny_vit_config
 
-from llmkd.trainers.dho import dho_loss
+from llmkd.losses.dho import dho_loss
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -3,7 +3,8 @@
 Dense divergences on logits (docs/ALGORITHMS.md section 0), their per-token kernels, the registry that turns a name
 into a token loss, TAID's interpolated target and schedule (section 1), SinKD's Sinkhorn term (section 2), and the
 chunked engine that runs any token loss (and a block loss such as the Sinkhorn term) from hidden states and
-output heads; the MoE load-balancing loss and the preference losses with a teacher reference (section 3).
+output heads; the MoE load-balancing loss and the preference losses with a teacher reference (section 3); DHO's loss of its two
+heads (section 4).
 """
 
 from .chunked import (
@@ -11,6 +12,7 @@ from .chunked import (
     chunked_distillation_loss,
     dense_distillation_loss,
 )
+from .dho import DHOLoss, dho_loss
 from .head import LogitTransform
 from .divergences import (
     alpha_beta_divergence,
@@ -32,12 +34,14 @@ from .taid import TAIDSchedule, TAIDTokenLoss, taid_loss
 
 __all__ = [
     "alpha_beta_divergence",
+    "DHOLoss",
     "DIVERGENCES",
     "Divergence",
     "DistillationLossOutput",
     "LogitTransform",
     "chunked_distillation_loss",
     "dense_distillation_loss",
+    "dho_loss",
     "dpo_sigmoid_loss",
     "expert_assignment_counts",
     "kto_pair_loss",

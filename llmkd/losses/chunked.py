@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..constants import IGNORE_INDEX
 from .head import IDENTITY, LogitTransform, project, project_into
 from .fused import ChunkWorkspace, FusedKL, fused_kl_ce_chunk, fused_sparse_kl_ce_chunk
+from .reduction import at_least_one
 from .sparse_teacher import SparseTeacher
 
 TokenLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -271,13 +272,6 @@ def _accumulate_head_grads(grad_logits, hidden, head, vocab_size, start, end, gr
             grad_bias[:vocab_size] += grad_logits.sum(0)
 
 
-def _clamped(normalizer, device):
-    """The normalizer, at least 1 (a step with no valid token gives a zero loss, not 0/0)."""
-    if isinstance(normalizer, torch.Tensor):
-        return normalizer.to(device, torch.float32).clamp_min(1)
-    return max(float(normalizer), 1.0)
-
-
 def _default_vocab_size(vocab_size, student_weight, teacher, teacher_weight) -> int:
     if vocab_size is not None:
         return int(vocab_size)
@@ -400,7 +394,7 @@ def chunked_distillation_loss(
     bounds = _chunk_ranges(n_tokens, chunk_size, chunk_bounds)
     if normalizer is None:
         normalizer = max(n_tokens, 1)
-    normalizer = _clamped(normalizer, student_hidden.device)
+    normalizer = at_least_one(normalizer, device=student_hidden.device)
     spec = (token_loss, float(kd_weight), float(ce_weight), normalizer, bounds, student_transform,
             teacher_transform, int(vocab_size), block_loss, float(block_weight))
     if not isinstance(teacher_hidden, SparseTeacher):
@@ -454,7 +448,7 @@ def dense_distillation_loss(
     block_sum = dense_block_loss(student_logits, teacher_logits, block_loss, chunk_bounds)
     if block_loss is not None and block_weight != 0.0:
         total = total + block_weight * block_sum
-    normalizer = _clamped(normalizer, total.device)
+    normalizer = at_least_one(normalizer, device=total.device)
     return DistillationLossOutput(total / normalizer, kd_sum.detach(), ce_sum.detach(), teacher_ce.detach(), n_tokens,
                                   block_sum=block_sum.detach(),
                                   target_entropy_sum=entropy_sum if reports_target_entropy(token_loss) else None)

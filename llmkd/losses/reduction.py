@@ -42,8 +42,15 @@ def reduce_token_losses(
         denominator = num_items_in_batch
     else:
         denominator = mask.sum() if mask is not None else per_token.numel()
-    if isinstance(denominator, torch.Tensor):
-        denominator = denominator.to(total.device, total.dtype).clamp_min(1)
-    else:
-        denominator = max(float(denominator), 1.0)
-    return total / denominator
+    return total / at_least_one(denominator, device=total.device, dtype=total.dtype)
+
+
+def at_least_one(count, *, device=None, dtype: torch.dtype = torch.float32):
+    """A divisor that is at least 1: a loss summed over no valid token (or example) divided by it is 0, not 0/0.
+
+    ``count`` is a number (-> a Python float) or a tensor (-> a tensor of ``dtype`` on ``device``, default its own
+    device), as the step's global token counts are under gradient accumulation and data parallelism.
+    """
+    if isinstance(count, torch.Tensor):
+        return count.to(count.device if device is None else device, dtype).clamp_min(1)
+    return max(float(count), 1.0)

@@ -47,8 +47,10 @@ from ..loading import (
     tokenizer_of,
 )
 from ..losses import SparseTeacher, chunked_distillation_loss, get_divergence
+from ..losses.reduction import at_least_one
 from ..losses.chunked import dense_block_loss, teacher_cross_entropy_sum, token_loss_sums
 from .checkpoint_weights import reload_converted_checkpoint
+from .shared import scaled_for_data_parallel
 from .guards import TrainingGuardsMixin
 from .cached_teacher import CACHE_ROW, cache_vocab_size, cached_targets, open_teacher_cache, tag_cached_rows
 from ..teacher import (
@@ -327,9 +329,7 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
             loss = loss + extra
         self._accumulate_metrics(record, model.training)
 
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # num_items_in_batch counts every rank's tokens, and DDP/DeepSpeed average gradients over ranks.
-            loss = loss * self.accelerator.num_processes
+        loss = scaled_for_data_parallel(loss, self.args, self.accelerator, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def _language_model_loss(self, model, inputs, num_items_in_batch, record):
@@ -378,7 +378,7 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
             teacher_ce = F.cross_entropy(teacher_logits, labels, reduction="sum")
         record.update(kd=kd.detach(), ce=ce.detach(), teacher_ce=teacher_ce, block=block.detach(),
                       tokens=float(labels.numel()), target_entropy=target_entropy)
-        return outputs, total / _clamped_normalizer(normalizer, total.device)
+        return outputs, total / at_least_one(normalizer, device=total.device)
 
     @torch.no_grad()
     def _teacher_hidden_states(self, model_inputs, valid) -> torch.Tensor:
@@ -438,7 +438,7 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
             teacher_ce = teacher_cross_entropy_sum(teacher_logits, target_ids)
         record.update(kd=kd.detach(), ce=ce.detach(), teacher_ce=teacher_ce, block=block.detach(),
                       tokens=float(target_ids.numel()), target_entropy=target_entropy)
-        return outputs, total / _clamped_normalizer(normalizer, total.device)
+        return outputs, total / at_least_one(normalizer, device=total.device)
 
     # ---------------------------------------------------------------------------------------------- logging
     def _accumulate_metrics(self, record, training: bool) -> None:
@@ -520,10 +520,3 @@ class _LossTerms:
         self.ce_weight = float(ce_weight)
         self.block_loss, self.block_weight = block if block is not None else (None, 0.0)
         self.blocks = blocks
-
-
-def _clamped_normalizer(normalizer, device) -> torch.Tensor | float:
-    """The step's point count, at least 1 (a step with no valid point gives a zero loss, not 0/0)."""
-    if isinstance(normalizer, torch.Tensor):
-        return normalizer.to(device, torch.float32).clamp_min(1)
-    return max(float(normalizer), 1.0)

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from ..data.images import (
@@ -47,7 +46,7 @@ from ..data.images import (
 from ..config import RunOutputFields
 from ..data.sources import load_dataset_splits
 from ..heads import unwrap_model
-from ..losses import forward_kl
+from ..losses.dho import DHOLoss, dho_loss
 from ..models.dho_loading import load_dho_student, load_dho_teacher, resolve_class_names
 from ..models.dual_head import (
     DEFAULT_ALPHA_GRID,
@@ -56,6 +55,7 @@ from ..models.dual_head import (
     search_inference_weights,
 )
 from ..teacher import prepare_teacher
+from .shared import method_config, scaled_for_data_parallel
 from .guards import TrainingGuardsMixin, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -190,59 +190,6 @@ class DHOConfig(RunOutputFields, TrainingArguments):
             raise ValueError(f"beta_grid values must be > 0, got {self.beta_grid}.")
 
 
-@dataclass
-class DHOLoss:
-    """The loss of a batch and its three terms (each a mean over its examples)."""
-
-    loss: torch.Tensor
-    ce: torch.Tensor
-    kd_labeled: torch.Tensor
-    kd_unlabeled: torch.Tensor
-
-
-def dho_loss(ce_logits: torch.Tensor, kd_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
-             unlabeled_kd_logits: torch.Tensor, unlabeled_teacher_logits: torch.Tensor, *, ce_weight: float = 0.5,
-             temperature: float = 2.0, labeled_count=None, unlabeled_count=None) -> DHOLoss:
-    """``lam * CE(h_ce(z_l), y) + (1 - lam) * T^2 * [KL(p_t(x_l) || q_kd(x_l)) + KL(p_t(x_u) || q_kd(x_u))]``.
-
-    Args:
-        ce_logits / kd_logits: ``(B_l, C)`` the two heads on the labeled batch.
-        labels: ``(B_l,)`` class ids.
-        teacher_logits: ``(B_l, C)`` the teacher on the labeled batch.
-        unlabeled_kd_logits / unlabeled_teacher_logits: ``(B_u, C)`` the KD head and the teacher on the unlabeled
-            batch.
-        labeled_count / unlabeled_count: the divisors of the labeled and unlabeled sums (the step's global counts
-            under gradient accumulation / data parallelism); default ``B_l`` and ``B_u``.
-    Returns:
-        :class:`DHOLoss`; the KL terms include the ``T^2`` factor (:func:`llmkd.losses.forward_kl`).
-    """
-    num_labels = ce_logits.shape[-1]
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
-        raise ValueError(f"Labels must be class ids in [0, {num_labels}), got values from {int(labels.min())} to "
-                         f"{int(labels.max())}.")
-    for name, student, teacher in (("labeled", kd_logits, teacher_logits),
-                                   ("unlabeled", unlabeled_kd_logits, unlabeled_teacher_logits)):
-        if student.shape != teacher.shape:
-            raise ValueError(f"On the {name} batch the student's KD logits {tuple(student.shape)} and the teacher's "
-                             f"logits {tuple(teacher.shape)} differ in shape: the teacher must score the student's "
-                             f"{num_labels} classes.")
-    labeled_count = labels.numel() if labeled_count is None else labeled_count
-    unlabeled_count = unlabeled_kd_logits.shape[0] if unlabeled_count is None else unlabeled_count
-    ce = F.cross_entropy(ce_logits.float(), labels.long(), reduction="sum") / _at_least_one(labeled_count)
-    kd_labeled = forward_kl(kd_logits, teacher_logits, temperature=temperature, reduction="sum") / _at_least_one(
-        labeled_count)
-    kd_unlabeled = forward_kl(unlabeled_kd_logits, unlabeled_teacher_logits, temperature=temperature,
-                              reduction="sum") / _at_least_one(unlabeled_count)
-    loss = ce_weight * ce + (1.0 - ce_weight) * (kd_labeled + kd_unlabeled)
-    return DHOLoss(loss=loss, ce=ce, kd_labeled=kd_labeled, kd_unlabeled=kd_unlabeled)
-
-
-def _at_least_one(count):
-    if isinstance(count, torch.Tensor):
-        return count.float().clamp_min(1)
-    return max(float(count), 1.0)
-
-
 class DHOTrainer(TrainingGuardsMixin, Trainer):
     """Train a :class:`~llmkd.DualHeadModel` with DHO (see the module docstring).
 
@@ -265,9 +212,7 @@ class DHOTrainer(TrainingGuardsMixin, Trainer):
                  train_dataset=None, eval_dataset=None, unlabeled_dataset=None, processing_class=None,
                  teacher_processing_class=None, class_names=None, callbacks=None, optimizers=(None, None),
                  **kwargs):
-        args = args if args is not None else DHOConfig(output_dir="llmkd_output")
-        if not isinstance(args, DHOConfig):
-            raise TypeError(f"DHOTrainer needs a DHOConfig, got {type(args).__name__}.")
+        args = method_config(args, DHOConfig, "DHOTrainer")
         if train_dataset is None and eval_dataset is None and args.dataset_name:
             train_dataset, eval_dataset = load_dataset_splits(args)
         if train_dataset is None:
@@ -394,8 +339,7 @@ class DHOTrainer(TrainingGuardsMixin, Trainer):
             self._loss_sums[key] = self._loss_sums[key] + getattr(result, key).detach() * divisor
         self._loss_sums["examples"] += size
         loss = result.loss
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
+        loss = scaled_for_data_parallel(loss, self.args, self.accelerator, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def _heads(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,7 @@ from ..heads import unwrap_model
 from ..losses.load_balancing import AUX_LOSS_TYPES
 from ..models.moe import upcycle_to_moe
 from ..models.routing import is_moe_model, monitor_student_routers, stop_router_outputs_through_vlm_wrapper
+from .shared import method_config
 from .base import DistillTrainer
 
 logger = logging.getLogger(__name__)
@@ -183,9 +184,7 @@ class MoEMimicTrainer(DistillTrainer):
 
     def __init__(self, model=None, teacher_model=None, args: MoEMimicConfig | None = None, peft_config=None,
                  **kwargs):
-        args = args if args is not None else MoEMimicConfig(output_dir="llmkd_output")
-        if not isinstance(args, MoEMimicConfig):
-            raise TypeError(f"MoEMimicTrainer needs a MoEMimicConfig, got {type(args).__name__}.")
+        args = method_config(args, MoEMimicConfig, "MoEMimicTrainer")
         if args.moe_stage == "d2s" and (peft_config is not None or args.use_peft):
             raise ValueError("moe_stage='d2s' trains the experts and routers in full; LoRA is not supported there "
                              "(use it in the d2d stage, or set use_peft=False).")

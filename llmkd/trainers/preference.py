@@ -36,6 +36,7 @@ from ..models.routing import monitor_student_routers
 from ..teacher import check_same_tokenizer, freeze
 from .base import DistillTrainer, lora_config_from_args
 from .moe import MOE_STAGES, MoEStudentFields, freeze_for_stage, freeze_vision_tower
+from .shared import method_config
 from .guards import TrainingGuardsMixin
 from .checkpoint_weights import reload_converted_checkpoint
 
@@ -114,9 +115,7 @@ class PreferenceDistillTrainer(TrainingGuardsMixin, DPOTrainer):
     def __init__(self, model=None, teacher_model=None, args: PreferenceDistillConfig | None = None,
                  data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None,
                  teacher_processing_class=None, peft_config=None, **kwargs):
-        args = args if args is not None else PreferenceDistillConfig(output_dir="llmkd_output")
-        if not isinstance(args, PreferenceDistillConfig):
-            raise TypeError(f"PreferenceDistillTrainer needs a PreferenceDistillConfig, got {type(args).__name__}.")
+        args = method_config(args, PreferenceDistillConfig, "PreferenceDistillTrainer")
         model, processing_class = self._load_student(model, args, processing_class)
         self._select_trainable(model, args)
         teacher, teacher_processing_class = DistillTrainer._teacher(teacher_model, args, teacher_processing_class)

@@ -29,6 +29,7 @@ import torch
 from ..config import DistillConfig
 from ..losses import SinkhornTerm, sinkhorn_blocks
 from ..losses.sinkhorn import SINKHORN_MODES
+from .shared import method_config
 from .base import DistillTrainer, divergence_from_config
 
 
@@ -93,8 +94,7 @@ class SinKDTrainer(DistillTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, SinKDConfig):
-            raise TypeError(f"SinKDTrainer needs a SinKDConfig, got {type(self.args).__name__}.")
+        method_config(self.args, SinKDConfig, "SinKDTrainer")
         config = self.args
         self.divergence = divergence_from_config(config, scale_by_t2=False)
         self.sinkhorn = SinkhornTerm(

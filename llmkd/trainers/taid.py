@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from ..config import DistillConfig
 from ..losses.taid import SCHEDULE_LOSSES, TAIDSchedule, TAIDTokenLoss
 from .base import DistillTrainer
+from .shared import method_config
 from .guards import last_complete_checkpoint
 
 SCHEDULE_FILE = "taid_schedule.json"
@@ -105,8 +106,7 @@ class TAIDTrainer(DistillTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, TAIDConfig):
-            raise TypeError(f"TAIDTrainer needs a TAIDConfig, got {type(self.args).__name__}.")
+        method_config(self.args, TAIDConfig, "TAIDTrainer")
         a = self.args
         self.schedule = TAIDSchedule(t_start=a.t_start, t_end=a.t_end, alpha=a.alpha, beta=a.beta,
                                      disable_adaptive=a.disable_adaptive, schedule_loss=a.schedule_loss)
