@@ -346,7 +346,7 @@ def summarize(setup: Setup, mode: str, batch: int, outcome: dict, peak: float | 
     if "implementation" in outcome:
         row["implementation"] = outcome["implementation"]
     if mode in ("kd", "taid"):  # the engine's chunk buffers: five (rows, V) float32 tensors at most
-        from llmkd.losses.chunked import auto_chunk_size
+        from llmkd.losses.engine import auto_chunk_size
 
         row["chunk_buffers_gib"] = 5 * auto_chunk_size(setup.vocab) * setup.vocab * 4 / 2**30
     return row

@@ -1,4 +1,4 @@
-"""Tests of the chunked distillation engine (llmkd.losses.chunked).
+"""Tests of the chunked distillation engine (llmkd.losses.engine, llmkd.losses.dense_reference).
 
 The engine is held against (a) :func:`dense_distillation_loss` and (b) a naive float64 reference that builds the
 full logits ``hidden @ W.T + b`` and the loss from the formulas, in value, gradients (student hidden, head weight
@@ -544,7 +544,7 @@ def test_bad_chunk_size(chunk_size):
 @pytest.mark.parametrize("vocab, rows", [(64000, 512), (151936, 128 * 2), (152064, 128 * 2), (32000, 1024),
                                          (97, 4096), (2**25, 16)])
 def test_auto_chunk_size(vocab, rows):
-    from llmkd.losses.chunked import CHUNK_LOGITS_BUDGET, auto_chunk_size
+    from llmkd.losses.engine import CHUNK_LOGITS_BUDGET, auto_chunk_size
 
     assert auto_chunk_size(vocab) == rows
     if 16 < rows < 4096:  # the nearest power of two to the budget, in log scale

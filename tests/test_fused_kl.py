@@ -15,16 +15,25 @@ import torch
 from test_chunked_engine import V, make_problem, ref_softmax, rel_close, run_engine
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import llmkd.losses.chunked as chunked
+import llmkd.losses.sparse_teacher as sparse_teacher_module
+import llmkd.losses.targets as teacher_targets
 from llmkd.losses import SinkhornTerm, TAIDTokenLoss, chunked_distillation_loss, get_divergence
 from llmkd.losses.fused import FusedKL
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def autograd_only(token_loss):
-    """The same token loss without its ``fused_kl`` description: the engine must use autograd."""
-    return lambda student_logits, teacher_logits: token_loss(student_logits, teacher_logits)
+class autograd_only:  # noqa: N801 - used like the function it replaced
+    """The same token loss without its ``fused_kl`` description: the engine must use autograd. Its temperature
+    (the one a cached teacher's tail is shaped at) is kept."""
+
+    def __init__(self, token_loss):
+        self.token_loss = token_loss
+        if hasattr(token_loss, "temperature"):
+            self.temperature = token_loss.temperature
+
+    def __call__(self, student_logits, teacher_logits):
+        return self.token_loss(student_logits, teacher_logits)
 
 
 @pytest.fixture
@@ -38,8 +47,9 @@ def fused_calls(monkeypatch):
             return real(*args, **kwargs)
         return spy
 
-    for name in ("fused_kl_ce_chunk", "fused_sparse_kl_ce_chunk"):
-        monkeypatch.setattr(chunked, name, spy_on(getattr(chunked, name)))
+    for module, name in ((teacher_targets, "fused_kl_ce_chunk"), (sparse_teacher_module, "fused_kl_ce_chunk"),
+                         (sparse_teacher_module, "fused_sparse_kl_ce_chunk")):
+        monkeypatch.setattr(module, name, spy_on(getattr(module, name)))
     return calls
 
 

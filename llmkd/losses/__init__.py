@@ -7,13 +7,11 @@ output heads; the MoE load-balancing loss and the preference losses with a teach
 heads (section 4).
 """
 
-from .chunked import (
-    DistillationLossOutput,
-    chunked_distillation_loss,
-    dense_distillation_loss,
-)
+from .dense_reference import dense_distillation_loss, dense_loss, distillation_loss_from_logits
+from .engine import DistillationLossOutput, chunked_distillation_loss, chunked_loss
 from .dho import DHOLoss, dho_loss
-from .head import LogitTransform
+from .head import LogitTransform, OutputHead
+from .objective import DistillationObjective
 from .divergences import (
     alpha_beta_divergence,
     forward_kl,
@@ -29,6 +27,7 @@ from .preference import PREFERENCE_LOSSES, dpo_sigmoid_loss, kto_pair_loss, pref
 from .reduction import reduce_token_losses
 from .registry import DIVERGENCES, Divergence, get_divergence, register_divergence
 from .sparse_teacher import SparseTeacher
+from .targets import DenseTargets, ProjectedTeacher
 from .sinkhorn import SinkhornTerm, sinkhorn_blocks, sinkhorn_loss, sinkhorn_plan
 from .taid import TAIDSchedule, TAIDTokenLoss, taid_loss
 
@@ -37,10 +36,17 @@ __all__ = [
     "DHOLoss",
     "DIVERGENCES",
     "Divergence",
+    "DenseTargets",
     "DistillationLossOutput",
+    "DistillationObjective",
     "LogitTransform",
+    "OutputHead",
+    "ProjectedTeacher",
     "chunked_distillation_loss",
+    "chunked_loss",
     "dense_distillation_loss",
+    "dense_loss",
+    "distillation_loss_from_logits",
     "dho_loss",
     "dpo_sigmoid_loss",
     "expert_assignment_counts",

@@ -17,7 +17,7 @@ of passes over ``n x V`` and allocates nothing after the first chunk. Log-normal
 itself: ``lse = max(x) - log max(softmax(x))`` (the largest probability is at least ``1/V``, so the log is
 accurate).
 
-Used by :mod:`llmkd.losses.chunked` when the token loss is a forward KL to a target (see
+Used by :mod:`llmkd.losses.engine` when the token loss is a forward KL to a target (see
 :class:`FusedKL`); every other token loss goes through autograd. The tests hold both paths equal.
 """
 
@@ -95,7 +95,7 @@ def fused_kl_ce_chunk(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor | None,
-    spec: FusedKL,
+    kl: FusedKL,
     kd_weight: float,
     ce_weight: float,
     workspace: ChunkWorkspace,
@@ -106,7 +106,7 @@ def fused_kl_ce_chunk(
         student_logits: ``(n, V)`` float32 ``z``, not modified.
         teacher_logits: ``(n, V)`` float32 ``z_t``; overwritten (it becomes the buffer of the softened target).
         labels: ``(n,)`` int64 next-token ids with -100 = ignored, or None (no CE).
-        spec: the KL's temperature, factor and target.
+        kl: the KL's temperature, factor and target.
         kd_weight / ce_weight: ``a`` and ``c`` of the module docstring.
         workspace: buffers ``"target_probs"``, ``"student_probs"`` and (``T != 1`` with labels) ``"plain_probs"``.
     Returns:
@@ -116,7 +116,7 @@ def fused_kl_ce_chunk(
         gradient (a workspace buffer: consume it before the next chunk).
     """
     rows = student_logits.shape[0]
-    temperature = spec.temperature
+    temperature = kl.temperature
     target_probs = workspace.get("target_probs", rows)
     zero = student_logits.new_zeros(())
     teacher_ce_sum = ce_sum = zero
@@ -124,19 +124,19 @@ def fused_kl_ce_chunk(
     if labels is not None:
         valid, labels_safe = label_columns(labels)
         teacher_label_logits = teacher_logits.gather(-1, labels_safe).squeeze(-1)
-        if not (temperature == 1.0 and spec.teacher_share == 1.0):  # else it comes from the target's lse below
+        if not (temperature == 1.0 and kl.teacher_share == 1.0):  # else it comes from the target's lse below
             teacher_lse = softmax_into(teacher_logits, target_probs)
             teacher_ce_sum = ((teacher_lse - teacher_label_logits) * valid).sum()
 
     target = teacher_logits
-    if spec.teacher_share != 1.0:
-        target.mul_(spec.teacher_share).add_(student_logits, alpha=1.0 - spec.teacher_share)
+    if kl.teacher_share != 1.0:
+        target.mul_(kl.teacher_share).add_(student_logits, alpha=1.0 - kl.teacher_share)
     if temperature != 1.0:
         target.div_(temperature)
     target_max = target.amax(dim=-1, keepdim=True)
     target.clamp_(min=target_max - _FLOOR)  # -inf -> finite, probability still exactly 0
     target_lse = softmax_into(target, target_probs, target_max)
-    if labels is not None and temperature == 1.0 and spec.teacher_share == 1.0:
+    if labels is not None and temperature == 1.0 and kl.teacher_share == 1.0:
         teacher_ce_sum = ((target_lse - teacher_label_logits) * valid).sum()
     target_neg_entropy = row_dot(target_probs, target, scratch=target) - target_lse  # sum_v p log p; target spent
 
@@ -147,10 +147,10 @@ def fused_kl_ce_chunk(
         softened_student = student_logits
     cross = row_dot(target_probs, softened_student, scratch=student_probs)  # sum_v p z/T
     student_lse = softmax_into(softened_student, student_probs)
-    kd_sum = (spec.factor * (target_neg_entropy - cross + student_lse)).sum()
+    kd_sum = (kl.factor * (target_neg_entropy - cross + student_lse)).sum()
 
     # the gradient, built in the student-probability buffer: kd_scale * (q_T - p) + c * (q_1 - onehot)
-    kd_scale = kd_weight * spec.factor / temperature
+    kd_scale = kd_weight * kl.factor / temperature
     grad = student_probs
     target_entropy_sum = -target_neg_entropy.sum()
     if labels is None:
@@ -184,7 +184,7 @@ def fused_sparse_kl_ce_chunk(
     student_logits: torch.Tensor,
     teacher,
     labels: torch.Tensor | None,
-    spec: FusedKL,
+    kl: FusedKL,
     kd_weight: float,
     ce_weight: float,
     workspace: ChunkWorkspace,
@@ -200,7 +200,7 @@ def fused_sparse_kl_ce_chunk(
     ``-sum_K p_i log p_i - P_tail log P_tail``.
     """
     rows = student_logits.shape[0]
-    temperature = spec.temperature
+    temperature = kl.temperature
     teacher.check_temperature(temperature)
     ids = teacher.ids
     log_p_top, log_p_tail = teacher.log_probs.float(), teacher.tail_log_prob.float()
@@ -222,11 +222,11 @@ def fused_sparse_kl_ce_chunk(
     q_tail = student_probs.sum(-1).clamp_min(torch.finfo(torch.float32).tiny)  # the student's mass outside K
     top_term = (p_top * (log_p_top - log_q_top)).sum(-1)
     tail_term = torch.where(has_tail, p_tail * (log_p_tail.clamp_min(-1e30) - q_tail.log()), 0.0)
-    kd_sum = (spec.factor * (top_term + tail_term)).sum()
+    kd_sum = (kl.factor * (top_term + tail_term)).sum()
     tail_entropy = torch.where(has_tail, p_tail * log_p_tail.clamp_min(-1e30), 0.0)
     target_entropy_sum = -((p_top * log_p_top).sum(-1) + tail_entropy).sum()
 
-    kd_scale = kd_weight * spec.factor / temperature
+    kd_scale = kd_weight * kl.factor / temperature
     tail_ratio = torch.where(has_tail, p_tail / q_tail, 0.0)  # p~_j / q_j outside K
     zero = student_logits.new_zeros(())
     teacher_ce_sum = teacher.cross_entropy_sum(labels) if labels is not None else zero

@@ -40,6 +40,21 @@ class LogitTransform:
 IDENTITY = LogitTransform()
 
 
+@dataclass(frozen=True)
+class OutputHead:
+    """A model's output head as the engine takes it: ``weight`` ``(V_model, H)``, ``bias`` ``(V_model,)`` or None,
+    and its :class:`LogitTransform`. Gradients flow into ``weight`` / ``bias`` where they require grad."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    transform: LogitTransform = IDENTITY
+
+    @property
+    def rows(self) -> int:
+        """``V_model``: the token ids the head scores."""
+        return self.weight.shape[0]
+
+
 def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform,
             vocab_size: int) -> torch.Tensor:
     """Logits of one chunk in float32: ``transform(hidden @ weight[:vocab_size].T + bias[:vocab_size])``.

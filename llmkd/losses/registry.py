@@ -29,7 +29,6 @@ from .divergences import (
     tvd_per_token,
 )
 from .fused import FusedKL
-from .sparse_teacher import SparseTeacher
 
 Kernel = Callable[..., torch.Tensor]
 
@@ -111,16 +110,13 @@ class Divergence:
     params: dict[str, Any] = field(default_factory=dict)
     scale_by_t2: bool = True
 
-    def __call__(self, student_logits: torch.Tensor, teacher_logits) -> torch.Tensor:
-        """``teacher_logits``: ``(N, V)``, or a cached top-k :class:`SparseTeacher`: the divergence is then computed
-        on the top-k support plus one tail bucket, exactly (see :mod:`.sparse_teacher`)."""
+    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """``(N, V)``, ``(N, V)`` -> ``(N,)``. A cached top-k teacher enters densified
+        (:meth:`~llmkd.losses.SparseTeacher.logits`; the engine does it), which makes every f-divergence equal to
+        its top-k + tail-bucket value exactly (see :mod:`.sparse_teacher`)."""
         kernel = DIVERGENCES[self.name].kernel
         log_q = softened_log_probs(student_logits, self.temperature)
-        if isinstance(teacher_logits, SparseTeacher):
-            teacher_logits.check_temperature(self.temperature)
-            log_p = teacher_logits.dense_log_probs(like=log_q)
-        else:
-            log_p = softened_log_probs(teacher_logits, self.temperature)
+        log_p = softened_log_probs(teacher_logits, self.temperature)
         losses = kernel(log_q, log_p, **self.params)
         return losses * (self.temperature**2) if self.scale_by_t2 else losses
 

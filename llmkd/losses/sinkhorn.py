@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .sparse_teacher import as_dense_logits
 
 SINKHORN_MODES = ("batch", "sequence")
 
@@ -153,8 +152,7 @@ class SinkhornTerm:
     detach_plan: bool = True
     top_k: int | None = None
 
-    def __call__(self, student_logits: torch.Tensor, teacher_logits) -> torch.Tensor:
-        teacher_logits = as_dense_logits(teacher_logits, student_logits)
+    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         value = sinkhorn_loss(
             student_logits, teacher_logits, temperature=self.temperature, epsilon=self.epsilon,
             iterations=self.iterations, scale=self.scale, detach_plan=self.detach_plan, top_k=self.top_k,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..constants import IGNORE_INDEX
+from .fused import fused_kl_ce_chunk, fused_sparse_kl_ce_chunk
 
 
 @dataclass
@@ -96,6 +97,45 @@ class SparseTeacher:
         log_probs = self.dense_log_probs(like)
         return log_probs * self.temperature if self.temperature != 1.0 else log_probs
 
+    # -- as the engine's teacher targets (llmkd.losses.targets): the whole batch, and each chunk of it -------------
+    def default_vocab_size(self, student_rows: int) -> int:
+        return self.vocab_size
+
+    def check(self, num_tokens: int, student_rows: int, vocab_size: int) -> None:
+        if self.num_tokens != num_tokens:
+            raise ValueError(f"student has {num_tokens} tokens but the cached teacher has {self.num_tokens}: both must "
+                             "be the same valid positions of the same batch.")
+        if vocab_size != self.vocab_size or vocab_size > student_rows:
+            raise ValueError(f"vocab_size={vocab_size} must equal the cache's vocabulary ({self.vocab_size}) and fit "
+                             f"the student's head ({student_rows} rows).")
+
+    def chunk(self, start: int, end: int, vocab_size: int, workspace=None) -> "SparseTeacher":
+        return self[start:end]
+
+    def logits(self, like: torch.Tensor | None = None, temperature: float | None = None) -> torch.Tensor:
+        """:meth:`dense_logits` with its tail shaped like ``like``, for a loss at ``temperature`` (checked against
+        the cache's when given: cached log-probabilities cannot be re-softened exactly)."""
+        if temperature is not None:
+            self.check_temperature(temperature)
+        return self.dense_logits(like=like)
+
+    def fused_kl_ce(self, student_logits: torch.Tensor, labels: torch.Tensor | None, kl, kd_weight: float,
+                    ce_weight: float, workspace, densify: bool = False):
+        """The chunk's closed-form forward KL + CE (:mod:`.fused`): on the top-k + tail bucket directly
+        (:func:`~llmkd.losses.fused.fused_sparse_kl_ce_chunk`), or densified with a tail shaped like the student
+        when the target interpolates logits (``kl.teacher_share != 1``, TAID) or ``densify`` asks for it (so that
+        a reported target entropy is that of the target the gradient uses). The teacher's cross-entropy is the
+        cache's own (:meth:`cross_entropy_sum`)."""
+        if kl.teacher_share != 1.0 or densify:
+            sums = fused_kl_ce_chunk(student_logits, self.dense_logits(like=student_logits), labels, kl, kd_weight,
+                                     ce_weight, workspace)
+        else:
+            sums = fused_sparse_kl_ce_chunk(student_logits, self, labels, kl, kd_weight, ce_weight, workspace)
+        kd_sum, ce_sum, teacher_ce_sum, entropy_sum, grad = sums
+        if labels is not None:
+            teacher_ce_sum = self.cross_entropy_sum(labels)
+        return kd_sum, ce_sum, teacher_ce_sum, entropy_sum, grad
+
     def check_temperature(self, temperature: float) -> None:
         if abs(temperature - self.temperature) > 1e-12:
             raise ValueError(f"the cache holds log-probs at temperature {self.temperature}; the loss asks for "
@@ -135,9 +175,3 @@ class SparseTeacher:
         # the same normalisation as dense_log_probs (a quantized cache sums to 1 only approximately)
         total = torch.logsumexp(torch.cat([log_probs, tail[:, None]], dim=-1), dim=-1)
         return -(label_log_prob - total).masked_fill(~valid, 0.0).sum()
-
-
-def as_dense_logits(teacher, student_logits: torch.Tensor) -> torch.Tensor:
-    """Teacher logits ``(n, V)`` from a tensor (returned as is) or a :class:`SparseTeacher` (densified with a tail
-    shaped like ``student_logits``' distribution)."""
-    return teacher.dense_logits(like=student_logits) if isinstance(teacher, SparseTeacher) else teacher

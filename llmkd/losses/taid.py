@@ -25,7 +25,6 @@ import torch
 from .divergences import kl_per_token
 from .reduction import reduce_token_losses
 from .fused import FusedKL
-from .sparse_teacher import as_dense_logits
 
 
 def taid_target_log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float) -> torch.Tensor:
@@ -92,14 +91,15 @@ class TAIDTokenLoss:
 
     t: float
 
-    def __call__(self, student_logits: torch.Tensor, teacher_logits) -> torch.Tensor:
-        # a cached top-k teacher enters the interpolation densified (tail shaped like the student's; .sparse_teacher)
-        return taid_per_token(student_logits, as_dense_logits(teacher_logits, student_logits), self.t)
+    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        # a cached top-k teacher enters the interpolation densified, its tail shaped like the student's (the engine
+        # does it: llmkd.losses.targets)
+        return taid_per_token(student_logits, teacher_logits, self.t)
 
-    def with_target_entropy(self, student_logits: torch.Tensor, teacher_logits):
+    def with_target_entropy(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor):
         """``(KL (n,), H(p_t) (n,))``: the loss and its target's entropy from one softmax (the chunked engine's
         ``target_entropy_sum``; KL + H is the cross-entropy the official schedule is fed)."""
-        return taid_per_token_with_entropy(student_logits, as_dense_logits(teacher_logits, student_logits), self.t)
+        return taid_per_token_with_entropy(student_logits, teacher_logits, self.t)
 
     def fused_kl(self) -> FusedKL:
         """KL(p_t || q) with ``p_t = softmax(t z_t + (1 - t) stopgrad(z_s))``: a forward KL to a constant target, which

@@ -12,13 +12,12 @@ example count.
 
 Method trainers (TAID, SinKD, MoE mimic) subclass this and override the small hooks
 :meth:`DistillTrainer.token_loss_fn`, :meth:`DistillTrainer.loss_weights`, :meth:`DistillTrainer.block_loss_fn`
-(a loss coupling the tokens, or examples, of a block, e.g. SinKD's Sinkhorn term), :meth:`DistillTrainer.loss_blocks`
+(a loss coupling the tokens, or examples, of a block, e.g. SinKD's Sinkhorn term), :meth:`DistillTrainer.blocks`
 and :meth:`DistillTrainer.extra_loss`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 from collections import defaultdict
@@ -26,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import DataCollatorWithPadding, EvalPrediction, PreTrainedModel, Trainer
 
@@ -46,20 +44,20 @@ from ..loading import (
     resolve_dtype,
     tokenizer_of,
 )
-from ..losses import SparseTeacher, chunked_distillation_loss, get_divergence
-from ..losses.reduction import at_least_one
-from ..losses.chunked import dense_block_loss, teacher_cross_entropy_sum, token_loss_sums
+from ..losses import (
+    DenseTargets,
+    DistillationObjective,
+    OutputHead,
+    chunked_loss,
+    distillation_loss_from_logits,
+    get_divergence,
+)
 from .checkpoint_weights import reload_converted_checkpoint
 from .shared import scaled_for_data_parallel
 from .guards import TrainingGuardsMixin
-from .cached_teacher import CACHE_ROW, cache_vocab_size, cached_targets, open_teacher_cache, tag_cached_rows
-from ..teacher import (
-    aligned_vocab_size,
-    check_label_spaces,
-    check_same_tokenizer,
-    gathered_head_parameters,
-    prepare_teacher,
-)
+from ..teacher import aligned_vocab_size, check_label_spaces, check_same_tokenizer
+from ..teacher_signals import CachedTeacher, OnlineTeacher
+from ..teacher_signals.cached import open_teacher_cache
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +120,8 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
             )
         tokenizer = tokenizer_of(processing_class)
         if self.teacher_cache is not None:
-            self.vocab_size = cache_vocab_size(self.teacher_cache, model, tokenizer)
+            self.teacher_signal = CachedTeacher(self.teacher_cache, model, tokenizer)
+            self.vocab_size = self.teacher_signal.vocab_size
         elif self.is_classification:
             check_same_tokenizer(tokenizer, teacher_processing_class)
             self.num_labels = check_label_spaces(model, teacher_model)
@@ -133,6 +132,8 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
             self.vocab_size = None
         else:
             self.vocab_size = aligned_vocab_size(model, teacher_model, tokenizer, teacher_processing_class)
+        if self.teacher_cache is None:
+            self.teacher_signal = OnlineTeacher(teacher_model, self.vocab_size)
 
         if peft_config is None and args.use_peft:
             peft_config = self._lora_config(args)
@@ -143,16 +144,14 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
         eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
         for split, prepared in (("train", train_dataset), ("eval", eval_dataset)):
             check_sequence_lengths(prepared, args.max_length, {"student": model, "teacher": teacher_model}, split)
-        if self.teacher_cache is not None:
-            train_dataset = tag_cached_rows(self.teacher_cache, train_dataset, tokenizer, "train")
-            eval_dataset = tag_cached_rows(self.teacher_cache, eval_dataset, tokenizer, "eval")
+        train_dataset = self.teacher_signal.prepare_dataset(train_dataset, tokenizer, "train")
+        eval_dataset = self.teacher_signal.prepare_dataset(eval_dataset, tokenizer, "eval")
         if data_collator is None:
             data_collator = (DataCollatorWithPadding(tokenizer) if self.is_classification
                              else DistillDataCollator(pad_token_id=self._pad_token_id(tokenizer)))
 
         if not self.is_classification:
             self.student_transform = logit_transform_for(model)
-            self.teacher_transform = None if teacher_model is None else logit_transform_for(teacher_model)
             if args.use_chunked_loss and args.verify_logit_head:
                 self._verify_heads(model, teacher_model, train_dataset)
 
@@ -171,9 +170,9 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
         )
         # Our loss is always divided by the step's global token count: let the Trainer count it and not rescale.
         self.model_accepts_loss_kwargs = True
-        self.teacher = None if teacher_model is None else prepare_teacher(
-            teacher_model, self.accelerator, is_deepspeed=self.is_deepspeed_enabled, is_fsdp=self.is_fsdp_enabled
-        )
+        self.teacher_signal.place(self.accelerator, is_deepspeed=self.is_deepspeed_enabled,
+                                  is_fsdp=self.is_fsdp_enabled)
+        self.teacher = self.teacher_signal.model  # the prepared teacher model (None with a cache)
         self.divergence = divergence_from_config(args)
         self._metric_sums = {True: defaultdict(float), False: defaultdict(float)}
 
@@ -298,7 +297,7 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
 
     def block_loss_fn(self):
         """``(block_loss, weight)`` or None (default). ``block_loss(student_logits (n, V), teacher_logits (n, V))``
-        returns a scalar over the n points of one block (tokens of a range of :meth:`loss_blocks`, or the examples
+        returns a scalar over the n points of one block (tokens of a range of :meth:`blocks`, or the examples
         of a classifier's micro-batch); the sum over blocks, times ``weight``, is divided by the step's point count
         like the token terms."""
         return None
@@ -306,7 +305,7 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
     #: the name the block loss's mean is logged under
     block_loss_name = "block_loss"
 
-    def loss_blocks(self, valid: torch.Tensor) -> list[tuple[int, int]] | None:
+    def blocks(self, valid: torch.Tensor) -> list[tuple[int, int]] | None:
         """The ranges of the N valid tokens (``valid``: ``(B, S-1)`` bool, flattened row-major) that form the
         chunked engine's chunks and the block loss's blocks; None (default): chunks of ``loss_chunk_size``."""
         return None
@@ -332,6 +331,12 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
         loss = scaled_for_data_parallel(loss, self.args, self.accelerator, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
+    def objective(self) -> DistillationObjective:
+        """This step's :class:`~llmkd.losses.DistillationObjective`, from the method hooks."""
+        block = self.block_loss_fn()
+        block_loss, block_weight = block if block is not None else (None, 0.0)
+        return DistillationObjective(self.token_loss_fn(), *self.loss_weights(), block_loss, block_weight)
+
     def _language_model_loss(self, model, inputs, num_items_in_batch, record):
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
@@ -340,68 +345,42 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
         valid = shift_labels != IGNORE_INDEX  # (B, S-1)
         target_ids = shift_labels[valid]  # (N,)
         normalizer = num_items_in_batch if num_items_in_batch is not None else valid.sum()
-
-        cache_rows = model_inputs.pop(CACHE_ROW, None)
-        if self.teacher_cache is not None:
-            if cache_rows is None:
-                raise ValueError(f"The batch has no {CACHE_ROW!r} column: keep remove_unused_columns=False when "
-                                 "training from teacher_cache.")
-            teacher_hidden = cached_targets(self.teacher_cache, cache_rows, int(valid.sum()), self.vocab_size,
-                                            valid.device)  # SparseTeacher of N tokens
-        else:
-            teacher_hidden = self._teacher_hidden_states(model_inputs, valid)  # (N, H_t)
-        terms = _LossTerms(self.token_loss_fn(), *self.loss_weights(), self.block_loss_fn(), self.loss_blocks(valid))
-        if self.args.use_chunked_loss:
-            return self._chunked_student_loss(model, model_inputs, valid, target_ids, teacher_hidden, terms,
-                                              normalizer, record)
-        return self._dense_student_loss(model, model_inputs, valid, target_ids, teacher_hidden, terms, normalizer,
-                                        record)
+        dense = not self.args.use_chunked_loss
+        teacher = self.teacher_signal.token_targets(model_inputs, valid, dense=dense)  # the teacher runs here
+        objective, blocks = self.objective(), self.blocks(valid)
+        if dense:
+            return self._dense_student_loss(model, model_inputs, valid, target_ids, teacher, objective, blocks,
+                                            normalizer, record)
+        return self._chunked_student_loss(model, model_inputs, valid, target_ids, teacher, objective, blocks,
+                                          normalizer, record)
 
     def _classification_loss(self, model, inputs, num_items_in_batch, record):
         """Per-example distillation of a sequence classifier: logits ``(B, C)``, labels ``(B,)``."""
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        with torch.no_grad():
-            teacher_logits = self.teacher(**model_inputs).logits.float()  # (B, C)
+        teacher_logits = self.teacher_signal.example_logits(model_inputs)  # (B, C)
         outputs = model(**model_inputs)
         student_logits = outputs.logits.float()  # (B, C)
         if student_logits.shape != teacher_logits.shape:
             raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                              f"{tuple(teacher_logits.shape)} differ in shape.")
         normalizer = num_items_in_batch if num_items_in_batch is not None else labels.numel()
-        terms = _LossTerms(self.token_loss_fn(), *self.loss_weights(), self.block_loss_fn(), None)
-        kd, target_entropy = token_loss_sums(terms.token_loss, student_logits, teacher_logits)
-        ce = F.cross_entropy(student_logits, labels, reduction="sum")
-        block = dense_block_loss(student_logits, teacher_logits, terms.block_loss, None)
-        total = terms.kd_weight * kd + terms.ce_weight * ce + terms.block_weight * block
-        with torch.no_grad():
-            teacher_ce = F.cross_entropy(teacher_logits, labels, reduction="sum")
-        record.update(kd=kd.detach(), ce=ce.detach(), teacher_ce=teacher_ce, block=block.detach(),
-                      tokens=float(labels.numel()), target_entropy=target_entropy)
-        return outputs, total / at_least_one(normalizer, device=total.device)
+        result = distillation_loss_from_logits(student_logits, DenseTargets(teacher_logits), labels, self.objective(),
+                                               normalizer=normalizer)
+        self._record(record, result)
+        return outputs, result.loss
 
-    @torch.no_grad()
-    def _teacher_hidden_states(self, model_inputs, valid) -> torch.Tensor:
-        with intercept_head(self.teacher, lambda hidden_states: hidden_states):
-            hidden = self.teacher(**model_inputs).logits  # (B, S, H_t): the head was replaced by identity
-        return hidden[:, :-1][valid]
-
-    def _chunked_student_loss(self, model, model_inputs, valid, target_ids, teacher_hidden, terms, normalizer,
+    def _chunked_student_loss(self, model, model_inputs, valid, target_ids, teacher, objective, blocks, normalizer,
                               record):
         head = output_head(model)
 
         def distill_head(hidden_states: torch.Tensor) -> torch.Tensor:
             student_hidden = hidden_states[:, :-1][valid]  # (N, H_s)
-            teacher_head = gathered_head_parameters(self.teacher) if self.teacher is not None else \
-                contextlib.nullcontext((None, None))
-            with teacher_head as (teacher_weight, teacher_bias):
-                result = chunked_distillation_loss(
-                    student_hidden, head.weight, teacher_hidden, teacher_weight, target_ids, terms.token_loss,
-                    kd_weight=terms.kd_weight, ce_weight=terms.ce_weight, normalizer=normalizer,
-                    chunk_size=self.args.loss_chunk_size, student_bias=getattr(head, "bias", None),
-                    teacher_bias=teacher_bias, student_transform=self.student_transform,
-                    teacher_transform=self.teacher_transform, vocab_size=self.vocab_size,
-                    block_loss=terms.block_loss, block_weight=terms.block_weight, chunk_bounds=terms.blocks,
+            with teacher as targets:  # a sharded teacher head stays gathered while the engine runs
+                result = chunked_loss(
+                    student_hidden, OutputHead(head.weight, getattr(head, "bias", None), self.student_transform),
+                    targets, target_ids, objective, normalizer=normalizer, chunk_size=self.args.loss_chunk_size,
+                    blocks=blocks, vocab_size=self.vocab_size,
                 )
             record["result"] = result
             return result.loss
@@ -417,28 +396,23 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
                 f"{type(model).__name__} changed the output of its head after the head ran; llmkd's chunked path "
                 "cannot reproduce that. Set use_chunked_loss=False."
             )
-        record.update(kd=result.kd_sum, ce=result.ce_sum, teacher_ce=result.teacher_ce_sum, block=result.block_sum,
-                      tokens=float(result.num_tokens), target_entropy=result.target_entropy_sum)
+        self._record(record, result)
         return outputs, loss.reshape(())
 
-    def _dense_student_loss(self, model, model_inputs, valid, target_ids, teacher_targets, terms, normalizer,
+    def _dense_student_loss(self, model, model_inputs, valid, target_ids, teacher, objective, blocks, normalizer,
                             record):
         outputs = model(**model_inputs)
         student_logits = outputs.logits[:, :-1][valid][:, : self.vocab_size].float()  # (N, V)
-        if isinstance(teacher_targets, SparseTeacher):
-            teacher_logits = teacher_targets
-        else:
-            with torch.no_grad():
-                teacher_logits = self.teacher(**model_inputs).logits[:, :-1][valid][:, : self.vocab_size].float()
-        kd, target_entropy = token_loss_sums(terms.token_loss, student_logits, teacher_logits)
-        ce = F.cross_entropy(student_logits, target_ids, reduction="sum")
-        block = dense_block_loss(student_logits, teacher_logits, terms.block_loss, terms.blocks)
-        total = terms.kd_weight * kd + terms.ce_weight * ce + terms.block_weight * block
-        with torch.no_grad():
-            teacher_ce = teacher_cross_entropy_sum(teacher_logits, target_ids)
-        record.update(kd=kd.detach(), ce=ce.detach(), teacher_ce=teacher_ce, block=block.detach(),
-                      tokens=float(target_ids.numel()), target_entropy=target_entropy)
-        return outputs, total / at_least_one(normalizer, device=total.device)
+        with teacher as targets:
+            result = distillation_loss_from_logits(student_logits, targets, target_ids, objective,
+                                                   normalizer=normalizer, blocks=blocks)
+        self._record(record, result)
+        return outputs, result.loss
+
+    @staticmethod
+    def _record(record, result) -> None:
+        record.update(kd=result.kd_sum, ce=result.ce_sum, teacher_ce=result.teacher_ce_sum, block=result.block_sum,
+                      tokens=float(result.num_tokens), target_entropy=result.target_entropy_sum)
 
     # ---------------------------------------------------------------------------------------------- logging
     def _accumulate_metrics(self, record, training: bool) -> None:
@@ -509,14 +483,3 @@ def classification_accuracy(prediction: EvalPrediction) -> dict[str, float]:
     """The default ``compute_metrics`` of classifiers: accuracy of the argmax of the student's logits."""
     logits, labels = prediction.predictions, prediction.label_ids
     return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
-
-
-class _LossTerms:
-    """The loss of one step as the hooks define it (token loss, weights, block loss and its blocks)."""
-
-    def __init__(self, token_loss, kd_weight: float, ce_weight: float, block=None, blocks=None):
-        self.token_loss = token_loss
-        self.kd_weight = float(kd_weight)
-        self.ce_weight = float(ce_weight)
-        self.block_loss, self.block_weight = block if block is not None else (None, 0.0)
-        self.blocks = blocks

@@ -106,5 +106,5 @@ class SinKDTrainer(DistillTrainer):
     def block_loss_fn(self):
         return self.sinkhorn, self.args.sinkhorn_weight
 
-    def loss_blocks(self, valid: torch.Tensor) -> list[tuple[int, int]]:
+    def blocks(self, valid: torch.Tensor) -> list[tuple[int, int]]:
         return sinkhorn_blocks(valid, self.args.sinkhorn_mode, self.args.sinkhorn_block)

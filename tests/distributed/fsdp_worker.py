@@ -11,10 +11,10 @@ Run by :func:`distributed.launcher.launch` with 2 processes. Each rank:
    ``prepare_teacher(is_fsdp=True)`` (trl's ``prepare_fsdp``: the root only), with torch's default
    ``reshard_after_forward``, and with ``lm_head`` as a unit of its own. The teacher is frozen and in eval mode
    (as ``prepare_teacher`` leaves it), the student in train mode;
-2. runs ``DistillTrainer.compute_loss`` itself (the trainer's own code: ``_teacher_hidden_states`` with
-   ``intercept_head(teacher, identity)``, ``_chunked_student_loss`` with ``intercept_head(student, ...)`` running
-   ``chunked_distillation_loss`` on the head's weight inside the head's forward and ``gathered_head_parameters``
-   on the teacher) on an object that holds only the attributes those methods read (no Trainer/accelerate set-up,
+2. runs ``DistillTrainer.compute_loss`` itself (the trainer's own code: its ``OnlineTeacher`` signal's
+   ``hidden_states`` with ``intercept_head(teacher, identity)``, ``_chunked_student_loss`` with
+   ``intercept_head(student, ...)`` running ``chunked_loss`` on the head's weight inside the head's forward and
+   ``gathered_head_parameters`` on the teacher) on an object that holds only the attributes those methods read (no Trainer/accelerate set-up,
    which does not engage FSDP on CPU), then ``loss.backward()``;
 3. does the same on the unsharded copies and compares.
 
@@ -49,10 +49,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (utils.py)
 from utils import make_tokenizer, tiny_llama  # noqa: E402
 
+import llmkd.teacher_signals.online as online_signal  # noqa: E402
 import llmkd.trainers.base as trainer_base  # noqa: E402
 from llmkd.heads import logit_transform_for, output_head  # noqa: E402
 from llmkd.losses import get_divergence  # noqa: E402
 from llmkd.teacher import aligned_vocab_size, freeze, gathered_head_parameters, prepare_teacher  # noqa: E402
+from llmkd.teacher_signals import OnlineTeacher  # noqa: E402
 from llmkd.trainers.base import DistillTrainer  # noqa: E402
 
 OUT = Path(os.environ.get("LLMKD_TEST_OUT") or tempfile.mkdtemp(prefix="llmkd_fsdp_"))
@@ -105,8 +107,8 @@ class Recorder:
 
     @contextlib.contextmanager
     def active(self):
-        original_gather = trainer_base.gathered_head_parameters
-        original_loss = trainer_base.chunked_distillation_loss
+        original_gather = online_signal.gathered_head_parameters
+        original_loss = trainer_base.chunked_loss
         calls = self.calls
 
         @contextlib.contextmanager
@@ -117,21 +119,21 @@ class Recorder:
                                         "weight_type": type(w).__name__, "bias": b})
                 yield w, b
 
-        def loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *args, **kwargs):
-            calls["loss"].append({"student_weight_type": type(student_weight).__name__,
-                                  "student_weight_shape": list(student_weight.shape),
-                                  "student_weight": student_weight.detach().clone(),
-                                  "teacher_weight_shape": list(teacher_weight.shape),
-                                  "teacher_hidden": teacher_hidden.detach().clone()})
-            return original_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *args, **kwargs)
+        def loss(student_hidden, student_head, teacher, *args, **kwargs):
+            calls["loss"].append({"student_weight_type": type(student_head.weight).__name__,
+                                  "student_weight_shape": list(student_head.weight.shape),
+                                  "student_weight": student_head.weight.detach().clone(),
+                                  "teacher_weight_shape": list(teacher.head.weight.shape),
+                                  "teacher_hidden": teacher.hidden.detach().clone()})
+            return original_loss(student_hidden, student_head, teacher, *args, **kwargs)
 
-        trainer_base.gathered_head_parameters = gather
-        trainer_base.chunked_distillation_loss = loss
+        online_signal.gathered_head_parameters = gather
+        trainer_base.chunked_loss = loss
         try:
             yield self
         finally:
-            trainer_base.gathered_head_parameters = original_gather
-            trainer_base.chunked_distillation_loss = original_loss
+            online_signal.gathered_head_parameters = original_gather
+            trainer_base.chunked_loss = original_loss
 
 
 def trainer_for(student, teacher, num_processes: int) -> DistillTrainer:
@@ -141,11 +143,10 @@ def trainer_for(student, teacher, num_processes: int) -> DistillTrainer:
                                    average_tokens_across_devices=True)
     trainer.teacher = teacher
     trainer.task = "causal_lm"
-    trainer.teacher_cache = None
     trainer.divergence = get_divergence("fkl", temperature=TEMPERATURE)
     trainer.student_transform = logit_transform_for(student)
-    trainer.teacher_transform = logit_transform_for(teacher)
     trainer.vocab_size = aligned_vocab_size(student, teacher)
+    trainer.teacher_signal = OnlineTeacher(teacher, trainer.vocab_size)
     trainer.accelerator = SimpleNamespace(num_processes=num_processes)
     trainer._metric_sums = {True: defaultdict(float), False: defaultdict(float)}
     return trainer

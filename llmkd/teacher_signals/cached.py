@@ -1,4 +1,5 @@
-"""Training from an offline teacher-logit cache (``teacher_cache=PATH``) instead of a live teacher.
+"""Training from an offline teacher-logit cache (``teacher_cache=PATH``) instead of a live teacher
+(:class:`CachedTeacher`).
 
 The cache (:mod:`llmkd.cache`, written by ``llmkd cache-teacher``) holds, per valid token of every row of the
 prepared training set, the teacher's top-k ids and log-probabilities and the log of the tail mass. The trainer
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ..losses import SparseTeacher
 from ..heads import output_head
+from ..losses import SparseTeacher
+from .base import TeacherSignal, ready
 
 CACHE_ROW = "llmkd_cache_row"
 
@@ -80,3 +82,24 @@ def cached_targets(cache, rows: torch.Tensor, num_tokens: int, vocab_size: int, 
         )
     teacher = SparseTeacher(ids, log_probs, tail, vocab_size, cache.temperature)
     return teacher.to(device)
+
+
+class CachedTeacher(TeacherSignal):
+    """A teacher known from its cache (:mod:`llmkd.cache`): the training rows are tagged with their index
+    (:data:`CACHE_ROW`, carried by the collator), and each batch's targets are the cached top-k + tail of its rows
+    (a :class:`~llmkd.losses.SparseTeacher`, for the chunked and the dense path alike). ``vocab_size`` is the
+    cache's, checked against the student's head and tokenizer."""
+
+    def __init__(self, cache, student, tokenizer):
+        self.cache = cache
+        self.vocab_size = cache_vocab_size(cache, student, tokenizer)
+
+    def prepare_dataset(self, dataset, tokenizer, split: str):
+        return tag_cached_rows(self.cache, dataset, tokenizer, split)
+
+    def token_targets(self, model_inputs: dict, valid: torch.Tensor, *, dense: bool = False):
+        rows = model_inputs.pop(CACHE_ROW, None)
+        if rows is None:
+            raise ValueError(f"The batch has no {CACHE_ROW!r} column: keep remove_unused_columns=False when "
+                             "training from teacher_cache.")
+        return ready(cached_targets(self.cache, rows, int(valid.sum()), self.vocab_size, valid.device))

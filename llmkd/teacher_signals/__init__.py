@@ -1,0 +1,14 @@
+"""Teacher signals: what a student is distilled towards, as the trainers consume it.
+
+A teacher signal owns everything that differs between kinds of teachers, so that a trainer never asks which kind
+it has (:class:`TeacherSignal` is the interface):
+
+* :class:`OnlineTeacher`: a teacher model run at every step, in any placement (a device, ZeRO-3, FSDP, 4/8-bit);
+* :class:`CachedTeacher`: the teacher's top-k distributions read from an offline cache (``llmkd cache-teacher``).
+"""
+
+from .base import TeacherSignal
+from .cached import CACHE_ROW, CachedTeacher
+from .online import OnlineTeacher
+
+__all__ = ["CACHE_ROW", "CachedTeacher", "OnlineTeacher", "TeacherSignal"]

@@ -1,0 +1,66 @@
+"""The interface of a teacher signal (see the package docstring)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class TeacherSignal:
+    """What a trainer needs from a teacher, whatever the teacher is.
+
+    Attributes:
+        vocab_size: the vocabulary the distillation is over, aligned with the student's head (the student's
+            logits are cut to it); None for a sequence classifier (its label space is checked instead).
+        model: the teacher model when there is one to run or evaluate (None for a cache).
+
+    A signal:
+
+    * prepares the datasets (:meth:`prepare_dataset`): what it needs carried into every batch (a cache's row
+      tags), checked against what it was built from;
+    * is placed once the accelerator exists (:meth:`place`: a model is frozen, moved or sharded);
+    * gives the teacher targets of a batch's N valid tokens (:meth:`token_targets`), in a form the chunked engine
+      and its dense reference consume (:mod:`llmkd.losses.targets`: a teacher's hidden states and output head, full
+      logits, or a cached top-k with its tail), the teacher's cross-entropy included. ``dense=True`` asks for
+      targets the dense path can use; a signal runs its teacher once either way. The result is a context manager:
+      the targets are valid inside it (a sharded head stays gathered for as long as the loss runs);
+    * gives a classifier's per-example teacher logits (:meth:`example_logits`).
+
+    Kinds to come plug in here, each as one more subclass: a teacher scoring the student's own samples (on-policy
+    distillation: the batch is generated, then scored), a teacher behind an inference server (targets from its
+    returned top-k log-probabilities, a :class:`~llmkd.losses.SparseTeacher`), a teacher with another tokenizer
+    (its distributions mapped onto the student's vocabulary before they become targets; ``vocab_size`` is then the
+    student's) and several teachers (targets combined per token). None of them changes a trainer or a loss.
+    """
+
+    vocab_size: int | None = None
+    model = None
+
+    def prepare_dataset(self, dataset, tokenizer, split: str):
+        """The prepared ``dataset`` (rows of input_ids / attention_mask / labels) with what this signal needs added;
+        ``split`` is ``"train"`` or ``"eval"``. Default: unchanged."""
+        return dataset
+
+    def place(self, accelerator, *, is_deepspeed: bool, is_fsdp: bool) -> None:
+        """Put the teacher where the run needs it, once the trainer's accelerator exists. Default: nothing."""
+
+    def token_targets(self, model_inputs: dict, valid: torch.Tensor, *, dense: bool = False):
+        """A context manager yielding the teacher targets of the batch's N valid tokens.
+
+        Args:
+            model_inputs: the batch without ``labels`` (the signal may take out columns meant for it).
+            valid: ``(B, S-1)`` bool, the positions whose next token is trained on (row-major order = the targets'
+                token order).
+            dense: the caller will compute the loss from full logits (the dense reference path).
+        """
+        raise NotImplementedError
+
+    def example_logits(self, model_inputs: dict) -> torch.Tensor:
+        """``(B, C)`` float32: the teacher's logits of a classifier's micro-batch."""
+        raise ValueError(f"{type(self).__name__} has no per-example logits: sequence classifiers need a live teacher.")
+
+
+def ready(targets) -> contextlib.AbstractContextManager:
+    """Targets that need nothing held open, as the context manager :meth:`TeacherSignal.token_targets` returns."""
+    return contextlib.nullcontext(targets)
