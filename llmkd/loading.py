@@ -259,3 +259,68 @@ def check_sequence_lengths(dataset, max_length: int | None, models: dict, split:
             f"positions ({named}: max_position_embeddings). Set max_length <= {shortest}, or use models built for "
             "longer sequences."
         )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The one construction path of students, teachers and their tokenizers from a config (every trainer, cache-teacher)
+# ------------------------------------------------------------------------------------------------------------------
+def student_processing_class(args, name: str | None = None):
+    """The student's tokenizer or processor named by ``args.model_name_or_path`` (or ``name``)."""
+    return load_processing_class(name or args.model_name_or_path, role="student", revision=args.model_revision,
+                                 trust_remote_code=args.trust_remote_code)
+
+
+def teacher_processing_class(args, name: str | None = None):
+    """The teacher's tokenizer or processor named by ``args.teacher_model_name_or_path`` (or ``name``)."""
+    return load_processing_class(name or args.teacher_model_name_or_path, role="teacher",
+                                 revision=args.teacher_revision, trust_remote_code=args.trust_remote_code)
+
+
+def load_student(model, args, processing_class=None, task: str = "causal_lm"):
+    """``(student, processing_class)`` from a model object or a name (``model``, else ``args.model_name_or_path``)
+    and a config with the fields of :class:`~llmkd.config.ModelSourceFields`: loaded with ``student_dtype``,
+    ``model_revision``, ``trust_remote_code`` and ``allow_pickle_weights``, or built with fresh weights from its
+    configuration when the config sets ``init_student_from_config``. The processing class is loaded from the same
+    name unless given; a model object needs it given."""
+    model = model if model is not None else args.model_name_or_path
+    if model is None:
+        raise ValueError("No student: pass model=... or set model_name_or_path in the config/recipe.")
+    if isinstance(model, str):
+        name = model
+        # the model first: a wrong path is then reported as the student model's, with the model's fix
+        if getattr(args, "init_student_from_config", False):
+            model = init_causal_lm_from_config(name, seed=args.seed, dtype=args.student_dtype,
+                                               revision=args.model_revision,
+                                               trust_remote_code=args.trust_remote_code, task=task)
+        else:
+            model = load_causal_lm(name, role="student", dtype=args.student_dtype, revision=args.model_revision,
+                                   trust_remote_code=args.trust_remote_code, task=task,
+                                   allow_pickle=args.allow_pickle_weights)
+        if processing_class is None:
+            processing_class = student_processing_class(args, name)
+    if processing_class is None:
+        raise ValueError("The student was given as a model object: pass its tokenizer (or processor) as "
+                         "processing_class=...")
+    return model, processing_class
+
+
+def load_teacher(teacher, args, teacher_tokenizer=None, task: str = "causal_lm"):
+    """``(teacher, its tokenizer)`` from a model object or a name (``teacher``, else
+    ``args.teacher_model_name_or_path``): loaded with ``teacher_dtype``, ``teacher_revision``, 4/8-bit quantization
+    (``teacher_load_in_4bit`` / ``teacher_load_in_8bit``, ``teacher_bnb_4bit_quant_type``),
+    ``trust_remote_code`` and ``allow_pickle_weights``. The tokenizer is loaded from the same name unless given
+    (None for a model object given without one)."""
+    teacher = teacher if teacher is not None else args.teacher_model_name_or_path
+    if teacher is None:
+        raise ValueError("No teacher: pass teacher_model=... or set teacher_model_name_or_path in the config/recipe.")
+    if isinstance(teacher, str):
+        name = teacher
+        compute_dtype = resolve_dtype(args.teacher_dtype) if args.teacher_dtype != "auto" else torch.float32
+        quant = quantization_config(args.teacher_load_in_4bit, args.teacher_load_in_8bit,
+                                    args.teacher_bnb_4bit_quant_type, compute_dtype=compute_dtype)
+        teacher = load_causal_lm(name, role="teacher", dtype=args.teacher_dtype, revision=args.teacher_revision,
+                                 trust_remote_code=args.trust_remote_code, quantization=quant, task=task,
+                                 allow_pickle=args.allow_pickle_weights)
+        if teacher_tokenizer is None:
+            teacher_tokenizer = tokenizer_of(teacher_processing_class(args, name))
+    return teacher, teacher_tokenizer

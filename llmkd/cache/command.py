@@ -97,7 +97,7 @@ def write(known, overrides: list[str]) -> int:
 
     tokenizer, teacher_tokenizer = _tokenizers(config)
     check_same_tokenizer(tokenizer, teacher_tokenizer)
-    teacher = _load_teacher(config)
+    teacher = _load_teacher(config, teacher_tokenizer or tokenizer)  # the tokenizer is not loaded twice
     teacher = prepare_teacher(teacher, accelerator, is_deepspeed=is_deepspeed,
                               is_fsdp=accelerator.distributed_type == DistributedType.FSDP)
 
@@ -137,37 +137,27 @@ def write(known, overrides: list[str]) -> int:
 
 
 def _tokenizers(config):
-    """(the tokenizer the trainer prepares data with, the teacher's tokenizer)."""
-    from ..loading import load_processing_class, tokenizer_of
+    """(the tokenizer the trainer prepares data with, the teacher's tokenizer): the student's and the teacher's, or
+    the teacher's alone when the recipe names no student."""
+    from ..loading import student_processing_class, teacher_processing_class, tokenizer_of
 
-    teacher_tokenizer = load_processing_class(config.teacher_model_name_or_path, role="teacher",
-                                              revision=config.teacher_revision,
-                                              trust_remote_code=config.trust_remote_code)
     if not config.model_name_or_path:
-        return teacher_tokenizer, None
-    student_tokenizer = load_processing_class(config.model_name_or_path, role="student",
-                                              revision=config.model_revision,
-                                              trust_remote_code=config.trust_remote_code)
-    return student_tokenizer, tokenizer_of(teacher_tokenizer)
+        return teacher_processing_class(config), None
+    return student_processing_class(config), tokenizer_of(teacher_processing_class(config))
 
 
-def _load_teacher(config):
-    """The teacher as the trainer loads it (dtype, 4/8-bit quantization, revision)."""
-    import torch
-
-    from ..loading import detect_task, load_causal_lm, quantization_config, resolve_dtype
+def _load_teacher(config, teacher_tokenizer=None):
+    """The teacher as the trainer loads it (:func:`llmkd.loading.load_teacher`: dtype, 4/8-bit quantization,
+    revision)."""
+    from ..loading import detect_task, load_teacher
 
     task = detect_task(config.teacher_model_name_or_path, revision=config.teacher_revision,
                        trust_remote_code=config.trust_remote_code)
     if task != "causal_lm":
         raise SystemExit("llmkd cache-teacher caches causal-LM teachers (token distributions); this teacher is a "
                          "sequence classifier, whose forward is cheap enough to run online.")
-    compute_dtype = resolve_dtype(config.teacher_dtype) if config.teacher_dtype != "auto" else torch.float32
-    quant = quantization_config(config.teacher_load_in_4bit, config.teacher_load_in_8bit,
-                                config.teacher_bnb_4bit_quant_type, compute_dtype=compute_dtype)
-    return load_causal_lm(config.teacher_model_name_or_path, role="teacher", dtype=config.teacher_dtype,
-                          revision=config.teacher_revision, trust_remote_code=config.trust_remote_code,
-                          quantization=quant, allow_pickle=config.allow_pickle_weights)
+    teacher, _ = load_teacher(None, config, teacher_tokenizer, task)
+    return teacher
 
 
 def _fill_deepspeed_batch_sizes(accelerator, batch_size: int) -> None:

@@ -34,16 +34,7 @@ from ..data import IMAGE_FIELDS, DistillDataCollator, prepare_dataset
 from ..data.classification import prepare_classification_dataset
 from ..data.sources import load_dataset_splits
 from ..heads import intercept_head, logit_transform_for, output_head, unwrap_model, verify_head_reproduction
-from ..loading import (
-    check_sequence_lengths,
-    detect_task,
-    init_causal_lm_from_config,
-    load_causal_lm,
-    load_processing_class,
-    quantization_config,
-    resolve_dtype,
-    tokenizer_of,
-)
+from ..loading import check_sequence_lengths, detect_task, load_student, load_teacher, tokenizer_of
 from ..losses import (
     DenseTargets,
     DistillationObjective,
@@ -52,8 +43,7 @@ from ..losses import (
     distillation_loss_from_logits,
     get_divergence,
 )
-from .checkpoint_weights import reload_converted_checkpoint
-from .shared import scaled_for_data_parallel
+from .shared import LlmkdTrainerMixin, scaled_for_data_parallel
 from .guards import TrainingGuardsMixin
 from ..teacher import aligned_vocab_size, check_label_spaces, check_same_tokenizer
 from ..teacher_signals import CachedTeacher, OnlineTeacher
@@ -71,7 +61,7 @@ def divergence_from_config(config, *, scale_by_t2: bool = True):
                           alpha=config.skew_alpha, scale_by_t2=scale_by_t2, **(config.divergence_kwargs or {}))
 
 
-class DistillTrainer(TrainingGuardsMixin, Trainer):
+class DistillTrainer(TrainingGuardsMixin, LlmkdTrainerMixin, Trainer):
     """Distil ``teacher_model`` into ``model`` with a divergence of docs/ALGORITHMS.md section 0.
 
     Args:
@@ -190,53 +180,14 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
 
     @staticmethod
     def _student(model, args: DistillConfig, processing_class, task: str = "causal_lm"):
-        model = model if model is not None else args.model_name_or_path
-        if model is None:
-            raise ValueError("No student: pass model=... or set model_name_or_path in the config/recipe.")
-        if isinstance(model, str):
-            name = model
-            # the model first: a wrong path is then reported as the student model's, with the model's fix
-            if args.init_student_from_config:
-                model = init_causal_lm_from_config(
-                    name, seed=args.seed, dtype=args.student_dtype, revision=args.model_revision,
-                    trust_remote_code=args.trust_remote_code, task=task,
-                )
-            else:
-                model = load_causal_lm(
-                    name, role="student", dtype=args.student_dtype, revision=args.model_revision,
-                    trust_remote_code=args.trust_remote_code, task=task, allow_pickle=args.allow_pickle_weights,
-                )
-            if processing_class is None:
-                processing_class = load_processing_class(
-                    name, role="student", revision=args.model_revision, trust_remote_code=args.trust_remote_code
-                )
-        if processing_class is None:
-            raise ValueError("The student was given as a model object: pass its tokenizer as processing_class=...")
-        return model, processing_class
+        """The student and its processing class (:func:`llmkd.loading.load_student`); a hook method trainers
+        extend (MoE upcycling)."""
+        return load_student(model, args, processing_class, task)
 
     @staticmethod
     def _teacher(teacher, args: DistillConfig, teacher_processing_class, task: str = "causal_lm"):
-        teacher = teacher if teacher is not None else args.teacher_model_name_or_path
-        if teacher is None:
-            raise ValueError(
-                "No teacher: pass teacher_model=... or set teacher_model_name_or_path in the config/recipe."
-            )
-        if isinstance(teacher, str):
-            name = teacher
-            quant = quantization_config(
-                args.teacher_load_in_4bit, args.teacher_load_in_8bit, args.teacher_bnb_4bit_quant_type,
-                compute_dtype=resolve_dtype(args.teacher_dtype) if args.teacher_dtype != "auto" else torch.float32,
-            )
-            teacher = load_causal_lm(
-                name, role="teacher", dtype=args.teacher_dtype, revision=args.teacher_revision,
-                trust_remote_code=args.trust_remote_code, quantization=quant, task=task,
-                allow_pickle=args.allow_pickle_weights,
-            )
-            if teacher_processing_class is None:
-                teacher_processing_class = tokenizer_of(load_processing_class(
-                    name, role="teacher", revision=args.teacher_revision, trust_remote_code=args.trust_remote_code
-                ))
-        return teacher, teacher_processing_class
+        """The teacher and its tokenizer (:func:`llmkd.loading.load_teacher`)."""
+        return load_teacher(teacher, args, teacher_processing_class, task)
 
     def _lora_config(self, args: DistillConfig):
         return lora_config_from_args(args, "SEQ_CLS" if self.is_classification else "CAUSAL_LM")
@@ -444,19 +395,6 @@ class DistillTrainer(TrainingGuardsMixin, Trainer):
         for key, value in self._reduced_metrics(training).items():
             logs[prefix + key] = round(value, 6)
         super().log(logs, start_time)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # an MoE student's experts (see the function)
-            reload_converted_checkpoint(unwrap_model(model if model is not None else self.model),
-                                        resume_from_checkpoint)
-
-    def create_model_card(self, *args, **kwargs) -> None:
-        """llmkd's model card (method, teacher, hyperparameters, evaluation; :mod:`llmkd.hub`) instead of the
-        Trainer's draft, so that ``push_to_hub()`` uploads the card ``llmkd publish`` writes."""
-        from ..hub import create_trainer_model_card
-
-        create_trainer_model_card(self)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The distillation loss; for classifiers also the student's (B, C) logits and the labels, so that

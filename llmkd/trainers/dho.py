@@ -55,7 +55,7 @@ from ..models.dual_head import (
     search_inference_weights,
 )
 from ..teacher import prepare_teacher
-from .shared import method_config, scaled_for_data_parallel
+from .shared import LlmkdTrainerMixin, method_config, scaled_for_data_parallel
 from .guards import TrainingGuardsMixin, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class DHOConfig(RunOutputFields, TrainingArguments):
             raise ValueError(f"beta_grid values must be > 0, got {self.beta_grid}.")
 
 
-class DHOTrainer(TrainingGuardsMixin, Trainer):
+class DHOTrainer(TrainingGuardsMixin, LlmkdTrainerMixin, Trainer):
     """Train a :class:`~llmkd.DualHeadModel` with DHO (see the module docstring).
 
     Args:

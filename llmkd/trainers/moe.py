@@ -238,7 +238,3 @@ class MoEMimicTrainer(DistillTrainer):
                                                                            device=tokens.device)).clamp_min(1.0)
         return self.args.aux_loss_coef * aux * share
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.router_monitor is not None:
-            self.router_monitor.log_into(logs, self.accelerator)
-        super().log(logs, start_time)

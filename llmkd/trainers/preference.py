@@ -30,15 +30,14 @@ from ..constants import IGNORE_INDEX
 from ..config import ModelSourceFields
 from ..data.sources import load_dataset_splits
 from ..heads import unwrap_model
-from ..loading import load_causal_lm, load_processing_class, tokenizer_of
+from ..loading import load_student, load_teacher, tokenizer_of
 from ..losses.preference import PREFERENCE_LOSSES, preference_loss
 from ..models.routing import monitor_student_routers
 from ..teacher import check_same_tokenizer, freeze
 from .base import DistillTrainer, lora_config_from_args
 from .moe import MOE_STAGES, MoEStudentFields, freeze_for_stage, freeze_vision_tower
-from .shared import method_config
+from .shared import LlmkdTrainerMixin, method_config
 from .guards import TrainingGuardsMixin
-from .checkpoint_weights import reload_converted_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ class PreferenceDistillConfig(MoEStudentFields, ModelSourceFields, DPOConfig):
         self.check_model_sources()
 
 
-class PreferenceDistillTrainer(TrainingGuardsMixin, DPOTrainer):
+class PreferenceDistillTrainer(TrainingGuardsMixin, LlmkdTrainerMixin, DPOTrainer):
     """DPO / paired KTO of ``model`` against the frozen ``teacher_model`` as the reference (see the module docstring).
 
     Args:
@@ -116,9 +115,9 @@ class PreferenceDistillTrainer(TrainingGuardsMixin, DPOTrainer):
                  data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None,
                  teacher_processing_class=None, peft_config=None, **kwargs):
         args = method_config(args, PreferenceDistillConfig, "PreferenceDistillTrainer")
-        model, processing_class = self._load_student(model, args, processing_class)
+        model, processing_class = load_student(model, args, processing_class)
         self._select_trainable(model, args)
-        teacher, teacher_processing_class = DistillTrainer._teacher(teacher_model, args, teacher_processing_class)
+        teacher, teacher_processing_class = load_teacher(teacher_model, args, teacher_processing_class)
         if teacher is model:
             raise ValueError("The teacher and the student are the same object: the reference must be the teacher.")
         check_same_tokenizer(tokenizer_of(processing_class), teacher_processing_class)
@@ -141,23 +140,6 @@ class PreferenceDistillTrainer(TrainingGuardsMixin, DPOTrainer):
         self.router_monitor = monitor_student_routers(unwrap_model(self.model), self.args)
 
     # ------------------------------------------------------------------------------------------------ set-up
-    @staticmethod
-    def _load_student(model, args, processing_class):
-        model = model if model is not None else args.model_name_or_path
-        if model is None:
-            raise ValueError("No student: pass model=... or set model_name_or_path in the config/recipe.")
-        if isinstance(model, str):
-            if processing_class is None:
-                processing_class = load_processing_class(model, role="student", revision=args.model_revision,
-                                                         trust_remote_code=args.trust_remote_code)
-            model = load_causal_lm(model, role="student", dtype=args.student_dtype, revision=args.model_revision,
-                                   allow_pickle=args.allow_pickle_weights,
-                                   trust_remote_code=args.trust_remote_code)
-        if processing_class is None:
-            raise ValueError("The student was given as a model object: pass its tokenizer/processor as "
-                             "processing_class=...")
-        return model, processing_class
-
     @staticmethod
     def _select_trainable(model, args) -> None:
         if args.moe_stage is not None:
@@ -236,21 +218,3 @@ class PreferenceDistillTrainer(TrainingGuardsMixin, DPOTrainer):
         }
         for key, value in values.items():
             self._metrics[mode][key].append(gather(value.float()).mean().item())
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # an MoE student's experts (see the function)
-            reload_converted_checkpoint(unwrap_model(model if model is not None else self.model),
-                                        resume_from_checkpoint)
-
-    def create_model_card(self, *args, **kwargs) -> None:
-        """llmkd's model card (:mod:`llmkd.hub`) instead of TRL's, so ``push_to_hub()`` and checkpoints carry the
-        card ``llmkd publish`` writes."""
-        from ..hub import create_trainer_model_card
-
-        create_trainer_model_card(self)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.router_monitor is not None:
-            self.router_monitor.log_into(logs, self.accelerator)
-        super().log(logs, start_time)
