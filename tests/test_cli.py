@@ -203,14 +203,14 @@ def test_a_missing_model_folder_is_named_by_the_python_api(tmp_path):
 
 
 def test_the_data_is_checked_before_the_models_load(tmp_path, monkeypatch):
-    import llmkd.trainers.base as base
+    import llmkd.loading as loading
     from llmkd import DistillConfig, DistillTrainer
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was checked")
 
-    monkeypatch.setattr(base, "load_causal_lm", no_loading)
-    monkeypatch.setattr(base, "init_causal_lm_from_config", no_loading)
+    monkeypatch.setattr(loading, "load_causal_lm", no_loading)
+    monkeypatch.setattr(loading, "init_causal_lm_from_config", no_loading)
     local = write_local_run(tmp_path)
     args = DistillConfig(output_dir=str(tmp_path / "out"), model_name_or_path=local["model_name_or_path"],
                          teacher_model_name_or_path=local["teacher_model_name_or_path"],
