@@ -26,6 +26,7 @@ from .load_balancing import expert_assignment_counts, load_balancing_loss
 from .preference import PREFERENCE_LOSSES, dpo_sigmoid_loss, kto_pair_loss, preference_loss
 from .reduction import reduce_token_losses
 from .registry import DIVERGENCES, Divergence, get_divergence, register_divergence
+from .sampled_token import SampledTokenLoss
 from .sparse_teacher import SparseTeacher
 from .targets import DenseTargets, ProjectedTeacher
 from .sinkhorn import SinkhornTerm, sinkhorn_blocks, sinkhorn_loss, sinkhorn_plan
@@ -62,6 +63,7 @@ __all__ = [
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",
+    "SampledTokenLoss",
     "SinkhornTerm",
     "SparseTeacher",
     "sinkhorn_blocks",

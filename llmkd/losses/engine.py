@@ -67,10 +67,15 @@ def reports_target_entropy(token_loss) -> bool:
     return callable(getattr(token_loss, "with_target_entropy", None))
 
 
-def token_loss_sums(token_loss, student_logits, teacher_logits) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_loss_sums(token_loss, student_logits, teacher_logits,
+                    labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(sum_n token_loss, sum_n H(target))`` over the n rows of ``(n, V)`` logits: the first with gradient, the
     second detached, or None when the token loss does not report its target's entropy. The entropy comes out of
-    the same softmax as the loss (:meth:`~llmkd.losses.TAIDTokenLoss.with_target_entropy`)."""
+    the same softmax as the loss (:meth:`~llmkd.losses.TAIDTokenLoss.with_target_entropy`). A token loss with
+    ``needs_labels`` (the sampled-token objective, :class:`~llmkd.losses.SampledTokenLoss`) is also given the n
+    tokens ``labels``."""
+    if getattr(token_loss, "needs_labels", False):
+        return token_loss(student_logits, teacher_logits, labels).sum(), None
     if not reports_target_entropy(token_loss):
         return token_loss(student_logits, teacher_logits).sum(), None
     per_token, entropy = token_loss.with_target_entropy(student_logits, teacher_logits)
@@ -87,7 +92,7 @@ def objective_sums(student_logits: torch.Tensor, chunk, labels: torch.Tensor | N
     token_temperature = getattr(objective.token_loss, "temperature", None)
     teacher_logits = chunk.logits(like=like / objective.temperature if objective.temperature != 1.0 else like,
                                   temperature=token_temperature)
-    kd_sum, entropy_sum = token_loss_sums(objective.token_loss, student_logits, teacher_logits)
+    kd_sum, entropy_sum = token_loss_sums(objective.token_loss, student_logits, teacher_logits, labels)
     if entropy_sum is None:
         entropy_sum = student_logits.new_zeros(())
     if labels is not None:
