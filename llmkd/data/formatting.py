@@ -85,6 +85,7 @@ def tokenize_example(
     data_format: str,
     max_length: int | None,
     completion_only_loss: bool = True,
+    with_prompt_length: bool = False,
 ) -> dict[str, list[int]]:
     """Tokenize one row into ``input_ids``, ``attention_mask`` and unshifted ``labels``, each a ``list[int]`` of
     length ``T <= max_length``.
@@ -119,6 +120,9 @@ def tokenize_example(
         max_length: the longest sequence kept, or ``None``.
         completion_only_loss: train only on completions / assistant turns (ignored by ``text`` and
             ``tokenized``).
+        with_prompt_length: also return the prompt's length in tokens under
+            :data:`PROMPT_LENGTH` (what on-policy distillation generates from; clipped to the
+            truncated row; a row without a prompt raises ``ValueError``).
     """
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}.")
@@ -151,9 +155,15 @@ def tokenize_example(
         input_ids, labels = _tokenize_messages(example["messages"], tokenizer, chat_template, completion_only_loss)
         attention_mask = [1] * len(input_ids)
 
+    row = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if with_prompt_length:
+        row[PROMPT_LENGTH] = prompt_length(example, tokenizer, chat_template, data_format, input_ids, labels)
     if max_length is not None:
-        input_ids, attention_mask, labels = input_ids[:max_length], attention_mask[:max_length], labels[:max_length]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        for key in ("input_ids", "attention_mask", "labels"):
+            row[key] = row[key][:max_length]
+        if with_prompt_length:
+            row[PROMPT_LENGTH] = min(row[PROMPT_LENGTH], max_length)
+    return row
 
 
 def prepare_dataset(
@@ -164,6 +174,7 @@ def prepare_dataset(
     completion_only_loss: bool = True,
     num_proc: int | None = None,
     extra_columns: tuple[str, ...] = (),
+    with_prompt_length: bool = False,
 ) -> datasets.Dataset:
     """Tokenize a dataset for distillation: detect its layout, apply :func:`tokenize_example` to every row, and drop
     the rows with no trainable token.
@@ -176,6 +187,8 @@ def prepare_dataset(
         num_proc: processes for ``Dataset.map`` / ``Dataset.filter``.
         extra_columns: original columns to keep beside the new ones (e.g. ``"images"`` for a vision-language
             student); every other original column is removed.
+        with_prompt_length: add the column :data:`PROMPT_LENGTH`, each row's prompt length in
+            tokens (on-policy distillation; :func:`prompt_length`).
 
     Returns:
         a ``datasets.Dataset`` with columns ``input_ids``, ``attention_mask``, ``labels`` (each a list of ``T_i``
@@ -220,6 +233,7 @@ def prepare_dataset(
             "data_format": data_format,
             "max_length": max_length,
             "completion_only_loss": completion_only_loss,
+            "with_prompt_length": with_prompt_length,
         },
         remove_columns=remove_columns,
         num_proc=num_proc,
@@ -241,6 +255,49 @@ def prepare_dataset(
     if dropped:
         logger.warning(f"Dropped {dropped} of {len(tokenized)} rows because {reason}.")
     return kept
+
+
+#: The column of prepared rows that holds the prompt's length (``int``), added by ``prepare_dataset`` when asked.
+PROMPT_LENGTH = "llmkd_prompt_length"
+
+NO_PROMPT_HELP = (
+    "On-policy distillation (lmbda > 0) and sequence-level KD (seq_kd) generate completions from each row's prompt: "
+    "give the data 'prompt' and 'completion' columns, or 'messages' conversations with an assistant turn after the "
+    "prompt turns, or set lmbda: 0 and seq_kd: false to distil on the dataset's own text."
+)
+
+
+def prompt_length(example: Mapping, tokenizer, chat_template, data_format: str, input_ids: list[int],
+                  labels: list[int]) -> int:
+    """The number of leading ``input_ids`` that form the row's prompt (``>= 1``), counted in the row's own tokens
+    (the common prefix of the prompt's tokens and the row's), so that ``input_ids[:length]`` is what a model
+    continues. The prompt, per layout: ``prompt_completion``, the prompt (a conversation rendered with the
+    generation prompt); ``messages``, every turn before the last assistant turn (rendered likewise);
+    ``tokenized``, the tokens before the first trained label. A ``text`` row has none: ``ValueError``."""
+    if data_format == "text":
+        raise ValueError(f"A 'text' row has no prompt. {NO_PROMPT_HELP}")
+    if data_format == "tokenized":
+        length = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    elif data_format == "prompt_completion":
+        prompt = example["prompt"]
+        if _is_conversation(prompt):
+            template = _resolve_template(tokenizer, chat_template, "prompt/completion")
+            prompt_ids = _render_ids(tokenizer, template, prompt, add_generation_prompt=True)
+        else:
+            prompt_ids = _encode(tokenizer, prompt)
+        length = common_prefix_length(prompt_ids, input_ids)
+    else:
+        messages = list(example["messages"])
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None or last == 0:
+            raise ValueError("The conversation has no turn before its last assistant turn to generate from "
+                             f"(roles: {[m['role'] for m in messages]}). {NO_PROMPT_HELP}")
+        template = _resolve_template(tokenizer, chat_template, "messages")
+        prompt_ids = _render_ids(tokenizer, template, messages[:last], add_generation_prompt=True)
+        length = common_prefix_length(prompt_ids, input_ids)
+    if length == 0:
+        raise ValueError(f"The row's prompt is empty (no token before its completion). {NO_PROMPT_HELP}")
+    return length
 
 
 def _tokenize_row(example: dict, index: int, **kwargs) -> dict[str, list[int]]:
