@@ -76,3 +76,61 @@ def test_prompt_lengths_outside_the_batch_are_refused():
         left_padded_prompts(torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 2]), PAD)
     with pytest.raises(ValueError, match=r"one length in \[1, 3\]"):
         left_padded_prompts(torch.zeros(2, 3, dtype=torch.long), torch.tensor([4, 2]), PAD)
+
+
+# ------------------------------------------------------------------------------------ sampling with generate
+@pytest.fixture(scope="module")
+def tiny():
+    from utils import make_tokenizer, tiny_llama
+
+    tokenizer = make_tokenizer()
+    return tiny_llama(len(tokenizer), seed=3), tokenizer
+
+
+def _prompts(tokenizer):
+    rows = [tokenizer("what is one add two")["input_ids"], tokenizer("the cat")["input_ids"]]
+    width = max(len(r) for r in rows)
+    batch = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    return left_padded_prompts(batch, torch.tensor([len(r) for r in rows]), tokenizer.pad_token_id)
+
+
+def test_sampling_is_set_by_its_seed_and_leaves_the_global_rng_alone(tiny):
+    from llmkd.generation import SamplingSettings, sample_completions
+
+    model, tokenizer = tiny
+    prompt_ids, prompt_mask = _prompts(tokenizer)
+    settings = SamplingSettings(max_completion_length=12)
+    kwargs = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.train()
+    torch.manual_seed(123)
+    first = sample_completions(model, prompt_ids, prompt_mask, settings, seed=7, **kwargs)
+    after_first = torch.rand(3)
+    torch.manual_seed(123)
+    again = sample_completions(model, prompt_ids, prompt_mask, settings, seed=7, **kwargs)
+    assert torch.equal(first, again) and torch.equal(torch.rand(3), after_first)  # global RNG untouched
+    other = sample_completions(model, prompt_ids, prompt_mask, settings, seed=8, **kwargs)
+    assert not torch.equal(first, other)  # 12 tokens of a 320-token random model: equal with negligible chance
+    assert model.training  # restored after sampling in eval mode
+
+
+def test_top_k_one_samples_the_greedy_completion(tiny):
+    from llmkd.generation import SamplingSettings, sample_completions
+
+    model, tokenizer = tiny
+    prompt_ids, prompt_mask = _prompts(tokenizer)
+    sampled = sample_completions(model, prompt_ids, prompt_mask, SamplingSettings(max_completion_length=8, top_k=1),
+                                 seed=0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    greedy = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=False, max_new_tokens=8,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(sampled, greedy[:, prompt_ids.shape[1]:])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_completion_length", 0, "max_completion_length must be >= 1"), ("temperature", 0.0, "temperature must be"),
+    ("top_p", 0.0, "top_p must be in"), ("top_k", -1, "top_k must be >= 0"), ("min_p", 2.0, "min_p must be in"),
+])
+def test_bad_sampling_settings_are_refused(field, value, message):
+    from llmkd.generation import SamplingSettings
+
+    with pytest.raises(ValueError, match=message):
+        SamplingSettings(**{field: value})
