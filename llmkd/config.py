@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 TASK_CHOICES = ("auto", "causal_lm", "sequence_classification")
 NONFINITE_LOSS_CHOICES = ("stop", "skip")
+ON_POLICY_OBJECTIVES = ("divergence", "sampled_token")
 
 
 @dataclass
@@ -92,7 +93,66 @@ class ModelSourceFields(RunOutputFields):
 
 
 @dataclass
-class DistillConfig(ModelSourceFields, TrainingArguments):
+class OnPolicyFields:
+    """Config fields of on-policy distillation (docs/ON_POLICY.md): where a batch's completions come from and how
+    they are sampled; shared by the token-level trainers (DistillTrainer, TAID, SinKD, MoE mimic). The field names
+    are TRL's (``GKDConfig`` / ``DistillationConfig``) where TRL has one."""
+
+    lmbda: float = field(default=0.0, metadata={
+        "help": "Probability that a micro-batch's completions are sampled from the student (0: the dataset's "
+                "completions, off-policy; 1: fully on-policy)."})
+    seq_kd: bool = field(default=False, metadata={
+        "help": "Micro-batches not sampled from the student get completions sampled from the teacher "
+                "(sequence-level KD) instead of the dataset's."})
+    on_policy_objective: str = field(default="divergence", metadata={
+        "help": f"The loss of student-sampled micro-batches, one of {ON_POLICY_OBJECTIVES}: the configured "
+                "divergence on the full distributions, or the sampled-token policy gradient."})
+    off_policy_steps: int = field(default=0, metadata={
+        "help": "The first N optimizer steps train on the dataset's completions (a warm start), then lmbda and "
+                "seq_kd apply."})
+    max_completion_length: int = field(default=128, metadata={"help": "The most tokens sampled per completion."})
+    generation_temperature: float | None = field(default=None, metadata={
+        "help": "Sampling temperature (None: the distillation temperature, as TRL's single temperature)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of completions (1.0: off)."})
+    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens (0: off)."})
+    min_p: float | None = field(default=None, metadata={"help": "min-p sampling (None: off)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty of sampling (1.0: off)."})
+    generation_kwargs: dict | str | None = field(default=None, metadata={
+        "help": "Other GenerationConfig fields for sampling, e.g. '{\"do_sample\": false}'."})
+
+    @property
+    def samples_completions(self) -> bool:
+        """Whether any micro-batch of this run may get generated completions (``lmbda > 0`` or ``seq_kd``)."""
+        return self.lmbda > 0 or self.seq_kd
+
+    def sampling_settings(self):
+        """The :class:`~llmkd.generation.SamplingSettings` these fields describe."""
+        from .generation import SamplingSettings
+
+        temperature = self.generation_temperature
+        if temperature is None:
+            temperature = getattr(self, "temperature", 1.0)
+        return SamplingSettings(max_completion_length=self.max_completion_length, temperature=temperature,
+                                top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                                repetition_penalty=self.repetition_penalty,
+                                generation_kwargs=self.generation_kwargs or {})
+
+    def check_on_policy_fields(self) -> None:
+        """Validate the fields above (called by the configs' ``__post_init__``)."""
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"lmbda must be in [0, 1] (the probability of a student-sampled micro-batch), got "
+                             f"{self.lmbda}.")
+        if self.on_policy_objective not in ON_POLICY_OBJECTIVES:
+            raise ValueError(f"on_policy_objective={self.on_policy_objective!r} is not one of "
+                             f"{ON_POLICY_OBJECTIVES}.")
+        if self.off_policy_steps < 0:
+            raise ValueError(f"off_policy_steps must be >= 0, got {self.off_policy_steps}.")
+        self.generation_kwargs = _as_keyword_dict(self.generation_kwargs, "generation_kwargs")
+        self.sampling_settings()  # validates the sampling fields
+
+
+@dataclass
+class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
     r"""Configuration for :class:`~llmkd.DistillTrainer`: token-level distillation with any divergence of
     docs/ALGORITHMS.md section 0, mixed with the hard-label cross-entropy.
 
@@ -151,6 +211,17 @@ class DistillConfig(ModelSourceFields, TrainingArguments):
         completion_only_loss: when the data has a prompt/completion split (or chat turns), train and distil on
             the completion (assistant) tokens only; False uses every token.
         dataset_num_proc: processes for tokenisation.
+
+    Parameters of on-policy distillation (docs/ON_POLICY.md; token-level trainers):
+        lmbda: the probability that a micro-batch's completions are sampled from the current student (GKD's
+            lambda); 0 (default) trains on the dataset's completions exactly as without these fields.
+        seq_kd: micro-batches not sampled from the student get completions sampled from the teacher
+            (sequence-level KD) instead of the dataset's.
+        on_policy_objective: ``"divergence"`` (default: the configured divergence on the student's samples) or
+            ``"sampled_token"`` (the policy gradient with advantage ``log p - log q`` on the sampled tokens).
+        off_policy_steps: the first N optimizer steps use the dataset's completions (a warm start).
+        max_completion_length, generation_temperature (None: ``temperature``), top_p, top_k, min_p,
+            repetition_penalty, generation_kwargs: how completions are sampled.
 
     Parameters of robustness:
         nonfinite_loss: a NaN or infinite training loss ``"stop"``s the run with an error naming the optimizer step
@@ -225,6 +296,7 @@ class DistillConfig(ModelSourceFields, TrainingArguments):
                              "KLs' alpha) instead.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}.")
+        self.check_on_policy_fields()
 
 
 def _as_keyword_dict(value, name: str) -> dict:

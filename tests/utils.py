@@ -118,3 +118,21 @@ def write_local_run(folder) -> dict[str, str]:
     data.write_text("\n".join(json.dumps(r) for r in prompt_completion_rows(16)))
     return {"model_name_or_path": str(folder / "student"), "teacher_model_name_or_path": str(folder / "teacher"),
             "dataset_name": str(data)}
+
+
+def fixed_completions(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, eos_token_id: int,
+                      vocab_size: int, max_new_tokens: int) -> torch.Tensor:
+    """``(B, max_new_tokens)``: a completion that is a pure function of each (left-padded) prompt, standing in for a
+    sampler when a test needs the same samples whatever the batch layout: ``1 + (sum of the prompt's ids) % 6``
+    tokens (at most ``max_new_tokens``), the last one EOS when it fits, then padding with EOS."""
+    rows = []
+    for ids, mask in zip(prompt_ids.tolist(), prompt_mask.tolist()):
+        prompt = [token for token, keep in zip(ids, mask) if keep]
+        total = sum(prompt)
+        length = min(1 + total % 6, max_new_tokens)
+        first = len(SPECIAL_TOKENS)
+        tokens = [first + (total * 7 + 3 * k) % (vocab_size - first) for k in range(length)]
+        if length < max_new_tokens or total % 2 == 0:
+            tokens[-1] = eos_token_id
+        rows.append(tokens + [eos_token_id] * (max_new_tokens - length))
+    return torch.tensor(rows, dtype=torch.long, device=prompt_ids.device)

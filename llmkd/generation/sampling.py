@@ -57,10 +57,12 @@ class SamplingSettings:
 
 @torch.no_grad()
 def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: SamplingSettings, *,
-                       seed: int, eos_token_id: int | None, pad_token_id: int) -> torch.Tensor:
+                       seed: int, eos_token_id: int | None, pad_token_id: int,
+                       extra_inputs: dict | None = None) -> torch.Tensor:
     """``(B, L)`` long, ``L <= max_completion_length``: the tokens ``model`` samples after each left-padded prompt
     (``prompt_ids`` / ``prompt_mask`` ``(B, P)``), in eval mode (no dropout), seeded by ``seed``; rows that ended
-    early are padded after their EOS. The model's training mode and the global RNG are left as they were."""
+    early are padded after their EOS. ``extra_inputs`` (e.g. a VLM's ``pixel_values``, one entry per row) go to
+    ``generate`` as they are. The model's training mode and the global RNG are left as they were."""
     devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -68,7 +70,8 @@ def sample_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
         model.eval()
         try:
             output = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, eos_token_id=eos_token_id,
-                                    pad_token_id=pad_token_id, **settings.generate_kwargs())
+                                    pad_token_id=pad_token_id, **(extra_inputs or {}),
+                                    **settings.generate_kwargs())
         finally:
             model.train(was_training)
     return output[:, prompt_ids.shape[1]:]

@@ -45,6 +45,7 @@ from ..losses import (
 )
 from .shared import LlmkdTrainerMixin, scaled_for_data_parallel
 from .guards import TrainingGuardsMixin
+from .on_policy import COMPLETIONS_KEY, OnPolicyMixin, check_completion_room, check_on_policy_setup
 from ..teacher import aligned_vocab_size, check_label_spaces, check_same_tokenizer
 from ..teacher_signals import CachedTeacher, OnlineTeacher
 from ..teacher_signals.cached import open_teacher_cache
@@ -61,7 +62,7 @@ def divergence_from_config(config, *, scale_by_t2: bool = True):
                           alpha=config.skew_alpha, scale_by_t2=scale_by_t2, **(config.divergence_kwargs or {}))
 
 
-class DistillTrainer(TrainingGuardsMixin, LlmkdTrainerMixin, Trainer):
+class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trainer):
     """Distil ``teacher_model`` into ``model`` with a divergence of docs/ALGORITHMS.md section 0.
 
     Args:
@@ -78,6 +79,8 @@ class DistillTrainer(TrainingGuardsMixin, LlmkdTrainerMixin, Trainer):
 
     _tag_names = ["llmkd", "distillation"]
     config_class = DistillConfig
+    #: whether ``on_policy_objective="sampled_token"`` may replace this trainer's token loss on student samples
+    supports_sampled_token_objective = True
 
     def __init__(
         self,
@@ -104,6 +107,8 @@ class DistillTrainer(TrainingGuardsMixin, LlmkdTrainerMixin, Trainer):
         self.task = self._resolve_task(model, args)
         model, processing_class = self._student(model, args, processing_class, self.task)
         self.teacher_cache = open_teacher_cache(args, teacher_model, self.task)
+        check_on_policy_setup(args, task=self.task, teacher_cache=self.teacher_cache,
+                              sampled_token_allowed=self.supports_sampled_token_objective)
         if self.teacher_cache is None:
             teacher_model, teacher_processing_class = self._teacher(
                 teacher_model, args, teacher_processing_class, self.task
@@ -134,6 +139,9 @@ class DistillTrainer(TrainingGuardsMixin, LlmkdTrainerMixin, Trainer):
         eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
         for split, prepared in (("train", train_dataset), ("eval", eval_dataset)):
             check_sequence_lengths(prepared, args.max_length, {"student": model, "teacher": teacher_model}, split)
+        if args.samples_completions:
+            check_completion_room(train_dataset, args.max_completion_length, {"student": model,
+                                                                              "teacher": teacher_model})
         train_dataset = self.teacher_signal.prepare_dataset(train_dataset, tokenizer, "train")
         eval_dataset = self.teacher_signal.prepare_dataset(eval_dataset, tokenizer, "eval")
         if data_collator is None:
@@ -165,6 +173,7 @@ class DistillTrainer(TrainingGuardsMixin, LlmkdTrainerMixin, Trainer):
         self.teacher = self.teacher_signal.model  # the prepared teacher model (None with a cache)
         self.divergence = divergence_from_config(args)
         self._metric_sums = {True: defaultdict(float), False: defaultdict(float)}
+        self.setup_on_policy()
 
     # ------------------------------------------------------------------------------------------------ set-up
     @property
@@ -220,6 +229,7 @@ class DistillTrainer(TrainingGuardsMixin, LlmkdTrainerMixin, Trainer):
         return prepare_dataset(
             dataset, tokenizer, max_length=args.max_length, completion_only_loss=args.completion_only_loss,
             num_proc=args.dataset_num_proc, extra_columns=tuple(c for c in IMAGE_FIELDS if c in columns),
+            with_prompt_length=split == "train" and args.samples_completions,  # the prompts on-policy samples follow
         )
 
     def _verify_heads(self, model, teacher, dataset) -> None:
@@ -269,6 +279,7 @@ class DistillTrainer(TrainingGuardsMixin, LlmkdTrainerMixin, Trainer):
 
     # ------------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.completions_source = inputs.pop(COMPLETIONS_KEY, "dataset")  # set by get_batch_samples
         record: dict[str, Any] = {}
         if self.is_classification:
             outputs, loss = self._classification_loss(model, inputs, num_items_in_batch, record)
@@ -286,7 +297,8 @@ class DistillTrainer(TrainingGuardsMixin, LlmkdTrainerMixin, Trainer):
         """This step's :class:`~llmkd.losses.DistillationObjective`, from the method hooks."""
         block = self.block_loss_fn()
         block_loss, block_weight = block if block is not None else (None, 0.0)
-        return DistillationObjective(self.token_loss_fn(), *self.loss_weights(), block_loss, block_weight)
+        objective = DistillationObjective(self.token_loss_fn(), *self.loss_weights(), block_loss, block_weight)
+        return self.objective_for_completions(objective)
 
     def _language_model_loss(self, model, inputs, num_items_in_batch, record):
         labels = inputs["labels"]
@@ -394,6 +406,8 @@ class DistillTrainer(TrainingGuardsMixin, LlmkdTrainerMixin, Trainer):
         # in place, so that Trainer.evaluate() returns the distillation metrics too
         for key, value in self._reduced_metrics(training).items():
             logs[prefix + key] = round(value, 6)
+        if training:
+            logs.update(self.on_policy_logs())
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

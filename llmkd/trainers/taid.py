@@ -103,6 +103,7 @@ class TAIDTrainer(DistillTrainer):
 
     _tag_names = ["llmkd", "distillation", "taid"]
     config_class = TAIDConfig
+    supports_sampled_token_objective = False  # TAID's target is p_t, not the teacher
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

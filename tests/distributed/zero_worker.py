@@ -35,7 +35,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (utils.py)
-from utils import make_tokenizer, tiny_llama  # noqa: E402
+from utils import fixed_completions, make_tokenizer, tiny_llama  # noqa: E402
 
 from llmkd import (  # noqa: E402
     DistillConfig,
@@ -161,6 +161,20 @@ class RecordingTrainer(Recording, DistillTrainer):
     pass
 
 
+class FixedCompletions:
+    """Mixin for a trainer: on-policy completions that are a function of each prompt (tests/utils.py
+    ``fixed_completions``), the same whatever the batch layout, so that runs of different layouts distil the same
+    samples."""
+
+    def sample(self, model, prompt_ids, prompt_mask, *, seed, extra_inputs):
+        return fixed_completions(prompt_ids, prompt_mask, self.processing_class.eos_token_id,
+                                 len(self.processing_class), self.sampling.max_completion_length)
+
+
+class FixedOnPolicyTrainer(FixedCompletions, RecordingTrainer):
+    pass
+
+
 class RecordingSinKDTrainer(Recording, SinKDTrainer):
     pass
 
@@ -182,8 +196,18 @@ METHODS = {
 }
 
 
+# --on-policy: the trainer class replacing the method's (None: the method's) and the on-policy config fields
+ON_POLICY = {
+    "off": (None, {}),
+    # every micro-batch student-sampled, with completions fixed by the prompts
+    "fixed": (FixedOnPolicyTrainer, dict(lmbda=1.0, max_completion_length=6)),
+    # every micro-batch sampled by the student with transformers generate (ZeRO-3: the parameters gathered)
+    "generate": (None, dict(lmbda=1.0, max_completion_length=6)),
+}
+
+
 def train(tag: str, mode: str, batch: int, accumulation: int, steps: int, lr: float, save: bool,
-          method: str = "kd") -> None:
+          method: str = "kd", on_policy: str = "off") -> None:
     tokenizer = make_tokenizer()
     student = tiny_llama(len(tokenizer), hidden=32, layers=2, seed=1)
     teacher = tiny_llama(len(tokenizer) + 7, hidden=48, layers=2, seed=2)
@@ -192,6 +216,8 @@ def train(tag: str, mode: str, batch: int, accumulation: int, steps: int, lr: fl
     init = {name: p.detach().clone() for name, p in student.named_parameters()}
 
     config_class, trainer_class, method_fields = METHODS[method]
+    on_policy_class, on_policy_fields = ON_POLICY[on_policy]
+    trainer_class = on_policy_class or trainer_class
     args = config_class(
         output_dir=str(OUT / f"{tag}.trainer"),
         per_device_train_batch_size=batch,
@@ -212,6 +238,7 @@ def train(tag: str, mode: str, batch: int, accumulation: int, steps: int, lr: fl
         dataloader_num_workers=0,
         use_chunked_loss=True,
         **method_fields,
+        **on_policy_fields,
         deepspeed=deepspeed_config(3 if mode == "zero3" else 2) if mode in ("zero2", "zero3") else None,
     )
     snapshot = Step1Snapshot(tag)
@@ -258,12 +285,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1.0)
     parser.add_argument("--save", action="store_true")
     parser.add_argument("--method", choices=sorted(METHODS), default="kd")
+    parser.add_argument("--on-policy", choices=sorted(ON_POLICY), default="off")
     options = parser.parse_args()
     for layout in options.runs.split(","):
         batch, accumulation = (int(x) for x in layout.split("x"))
         prefix = "" if options.method == "kd" else f"{options.method}_"
+        prefix += "" if options.on_policy == "off" else f"{options.on_policy}_"
         tag = f"{prefix}{options.mode}_{batch}x{accumulation}"
-        train(tag, options.mode, batch, accumulation, options.steps, options.lr, options.save, options.method)
+        train(tag, options.mode, batch, accumulation, options.steps, options.lr, options.save, options.method,
+              options.on_policy)
 
 
 if __name__ == "__main__":
