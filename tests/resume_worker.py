@@ -47,7 +47,7 @@ from llmkd.heads import unwrap_model
 
 MAX_STEPS, SAVE_STEPS, KILL_AT = 8, 4, 4
 RUNS = ("whole", "killed", "resumed")
-CASES = ("kd", "taid", "sinkd", "moe_mimic", "preference", "dho")
+CASES = ("kd", "on_policy", "taid", "sinkd", "moe_mimic", "preference", "dho")
 # 24 rows, 4 per step: checkpoint-4 falls inside the first epoch (the resumed run must skip 4 batches of a
 # shuffled epoch) and steps 7-8 are in the second epoch (a new shuffle).
 ROWS, BATCH = 24, 4
@@ -78,6 +78,13 @@ def build(case: str, output_dir: str):
     no_state = lambda trainer: {}  # noqa: E731
     if case == "kd":
         config = DistillConfig(**args, learning_rate=1e-2, divergence="jsd", kd_ratio=0.5, loss_chunk_size=16)
+        return DistillTrainer(args=config, **lm), no_state
+    if case == "on_policy":
+        # half the micro-batches sampled by the student, the others by the teacher (seq_kd), 2 per step, with the
+        # sampled-token objective: the sources and the samples of steps 5-8 must be redrawn as in the whole run
+        config = DistillConfig(**{**args, "per_device_train_batch_size": 2}, gradient_accumulation_steps=2,
+                               learning_rate=1e-2, divergence="rkl", kd_ratio=0.5, loss_chunk_size=16, lmbda=0.5,
+                               seq_kd=True, on_policy_objective="sampled_token", max_completion_length=6)
         return DistillTrainer(args=config, **lm), no_state
     if case == "taid":
         # 2 micro-batches per step: the schedule's step sums span them
