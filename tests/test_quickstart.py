@@ -161,6 +161,18 @@ def test_taid_method_runs_with_its_settings_and_schedule(tmp_path):
     assert 0.0 <= results["models"]["distilled student"]["exact_match"] <= 1.0
 
 
+def test_on_policy_variant_samples_after_its_warm_start(tmp_path):
+    out = run(parse_args(["--output_dir", str(tmp_path), "--method", "on_policy", "--max_steps", "6",
+                          "--train_examples", "64", "--held_out_examples", "16", "--batch_size", "16"]))
+    results, trainer = out["results"], out["trainer"]
+    assert type(trainer) is DistillTrainer and results["method"] == "on_policy"
+    assert results["method_settings"] == {**METHOD_SETTINGS["on_policy"], "off_policy_steps": 2}
+    assert trainer.args.lmbda == 0.5 and trainer.args.off_policy_steps == 2
+    fractions = [h["on_policy_fraction"] for h in trainer.state.log_history if "on_policy_fraction" in h]
+    assert fractions[:2] == [0.0, 0.0] and sum(fractions[2:]) > 0, fractions
+    assert 0.0 <= results["models"]["distilled student"]["exact_match"] <= 1.0
+
+
 def test_unknown_method_fails_fast_with_the_available_ones(tmp_path):
     with pytest.raises(ValueError, match="Unknown method 'kdd'.*Did you mean 'kd'"):
         run(parse_args(["--output_dir", str(tmp_path), "--method", "kdd"]))

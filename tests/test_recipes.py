@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def test_cli_reports_unknown_keys(tmp_path):
 
 
 @pytest.mark.parametrize("recipe", ["recipes/kd/tiny.yaml", "recipes/kd/abkd-tiny.yaml", "recipes/taid/tiny.yaml",
-                                    "recipes/sinkd/tiny-lm.yaml",
+                                    "recipes/sinkd/tiny-lm.yaml", "recipes/on_policy/tiny.yaml",
                                     "recipes/sinkd/tiny-cls.yaml"])
 def test_tiny_recipe_trains_offline_from_the_repository_root(tmp_path, recipe):
     """The offline recipes as shipped, shortened to a few steps; the recipe copy is the effective recipe."""
@@ -165,3 +166,16 @@ def test_tiny_recipe_trains_offline_from_the_repository_root(tmp_path, recipe):
         {k: v for k, v in shipped.items() if k not in (*INPUT_PATH_FIELDS, "max_steps", "output_dir",
                                                        "logging_steps")}
     assert result.stdout.count("'kd_loss'") + result.stderr.count("'kd_loss'") == 4
+
+
+def test_on_policy_recipe_samples_after_its_warm_start(tmp_path):
+    """recipes/on_policy/tiny.yaml with its warm start shortened to 2 of 6 steps: the first steps are off-policy,
+    then half of the micro-batches (lmbda 0.5) are the student's samples."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "llmkd", "train", "--config", "recipes/on_policy/tiny.yaml", "--max_steps", "6",
+               "--off_policy_steps", "2", "--logging_steps", "1", "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    fractions = [h["on_policy_fraction"] for h in logs if "on_policy_fraction" in h]
+    assert len(fractions) == 6 and fractions[:2] == [0.0, 0.0] and sum(fractions[2:]) > 0, fractions

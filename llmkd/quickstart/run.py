@@ -53,10 +53,31 @@ from .task import make_split
 # taid: the paper's schedule (TAIDConfig's defaults, written out so that results.json records them) with half
 # cross-entropy as for kd; with the official schedule (2026-12-02) it lost to SFT on one seed of seven.
 # Every configuration tried, per seed: docs/QUICKSTART.md.
+# on_policy: kd's trainer and loss; the first third of the steps off-policy (a warm start, GKD's protocol: the samples
+# of an untrained student are noise; off_policy_steps is set by method_settings), then half of the micro-batches
+# sampled by the student (lmbda 0.5), forward KL without CE on those.
 METHOD_SETTINGS = {
     "taid": {"t_start": 0.4, "t_end": 1.0, "alpha": 5e-4, "beta": 0.99, "kd_ratio": 0.5},
     "kd": {"divergence": "fkl", "kd_ratio": 0.5, "temperature": 1.0},
+    "on_policy": {"divergence": "fkl", "kd_ratio": 0.5, "temperature": 1.0, "lmbda": 0.5,
+                  "max_completion_length": 8},
 }
+# quickstart names that are a method of llmkd.methods.METHODS with settings, not a method of their own
+QUICKSTART_VARIANTS = {"on_policy": "kd"}
+
+
+def quickstart_method(name: str):
+    """The :class:`~llmkd.methods.MethodEntry` a quickstart ``--method`` runs (a method, or a variant of one)."""
+    return method_entry(QUICKSTART_VARIANTS.get(name, name))
+
+
+def method_settings(args: argparse.Namespace) -> dict:
+    """The distilled student's method-specific config fields for this run (METHOD_SETTINGS, and for on_policy
+    ``off_policy_steps`` = a third of ``max_steps``: 500 of the default 1500)."""
+    settings = dict(METHOD_SETTINGS.get(args.method, {}))
+    if args.method == "on_policy":
+        settings["off_policy_steps"] = args.max_steps // 3
+    return settings
 
 
 def asset_path(*parts: str) -> str:
@@ -71,7 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "trained by plain SFT on the same data and steps (offline, CPU, about two minutes).",
     )
     parser.add_argument("--output_dir", default="./quickstart_output", help="Where the student, results and plots go.")
-    parser.add_argument("--method", default="kd", help="The distillation method (a name in llmkd.methods.METHODS).")
+    parser.add_argument("--method", default="kd",
+                        help="The distillation method: a name in llmkd.methods.METHODS, or on_policy (kd on the "
+                             "student's own samples after a warm start, docs/ON_POLICY.md).")
     parser.add_argument("--max_steps", type=int, default=1500, help="Optimizer steps of each student.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the students' weights, data and data order.")
     parser.add_argument("--train_examples", type=int, default=1000, help="Training rows the students see.")
@@ -130,9 +153,9 @@ def train_sft(args, tokenizer, train_rows) -> tuple[torch.nn.Module, list[dict],
 
 def train_distilled(args, tokenizer, teacher, train_rows):
     """The method's trainer and config (``llmkd.methods.method_entry(args.method)``). Returns (trainer, s)."""
-    entry = method_entry(args.method)
+    entry = quickstart_method(args.method)
     config = entry.config_class(
-        **training_arguments(args, f"distilled-{args.method}"), **METHOD_SETTINGS.get(args.method, {})
+        **training_arguments(args, f"distilled-{args.method}"), **method_settings(args)
     )
     trainer = entry.trainer_class(
         model=new_student(args.seed), teacher_model=teacher, args=config, train_dataset=Dataset.from_list(train_rows),
@@ -163,7 +186,7 @@ def run(args: argparse.Namespace) -> dict:
     results.json, "student": the distilled student, "trainer": its trainer, "sft_student", "teacher",
     "tokenizer"}``."""
     start = time.time()
-    method_entry(args.method)  # an unknown method fails here, before any work
+    quickstart_method(args.method)  # an unknown method fails here, before any work
     os.makedirs(args.output_dir, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(asset_path("teacher"))
     teacher = AutoModelForCausalLM.from_pretrained(asset_path("teacher"), use_safetensors=True)
@@ -178,7 +201,7 @@ def run(args: argparse.Namespace) -> dict:
 
     results = {"method": args.method, "seed": args.seed, "max_steps": args.max_steps, "batch_size": args.batch_size,
                "train_examples": len(train_rows), "label_noise": args.label_noise,
-               "held_out_examples": len(held_out), "method_settings": METHOD_SETTINGS.get(args.method, {}),
+               "held_out_examples": len(held_out), "method_settings": method_settings(args),
                "models": {}}
     results["models"]["teacher"] = {"parameters": count_parameters(teacher), "train_seconds": None,
                                     **evaluate(teacher, tokenizer, held_out)}
