@@ -118,7 +118,30 @@ class OnPolicyFields:
     min_p: float | None = field(default=None, metadata={"help": "min-p sampling (None: off)."})
     repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty of sampling (1.0: off)."})
     generation_kwargs: dict | str | None = field(default=None, metadata={
-        "help": "Other GenerationConfig fields for sampling, e.g. '{\"do_sample\": false}'."})
+        "help": "Other sampling fields: GenerationConfig's (transformers generate) or SamplingParams' (use_vllm), "
+                "e.g. '{\"do_sample\": false}'."})
+    # vLLM (TRL's DistillationConfig names); docs/ON_POLICY.md "Generation backends"
+    use_vllm: bool = field(default=False, metadata={
+        "help": "Sample the student's completions with vLLM instead of transformers generate (llmkd[vllm])."})
+    vllm_mode: str = field(default="colocate", metadata={
+        "help": "'colocate' (an engine in each training process) or 'server' (a `trl vllm-serve` server; CUDA)."})
+    vllm_server_base_url: str | None = field(default=None, metadata={
+        "help": "Server mode: the server's URL (overrides vllm_server_host and vllm_server_port)."})
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Server mode: the server's host."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "Server mode: the server's port."})
+    vllm_server_timeout: float = field(default=240.0, metadata={
+        "help": "Server mode: seconds to wait for the server to answer before failing."})
+    vllm_group_port: int = field(default=51216, metadata={"help": "Server mode: port of the weight-update group."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
+        "help": "Colocate mode: fraction of the GPU's memory the engine takes (weights and KV cache)."})
+    vllm_max_model_length: int | None = field(default=None, metadata={
+        "help": "Colocate mode: the engine's context length (None: the model's)."})
+    vllm_tensor_parallel_size: int = field(default=1, metadata={
+        "help": "Colocate mode: GPUs per engine (must divide the number of processes)."})
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={
+        "help": "Colocate mode: free the engine's memory between generations."})
+    vllm_model_impl: str = field(default="vllm", metadata={
+        "help": "Colocate mode: vLLM's model implementation, 'vllm' or 'transformers'."})
 
     @property
     def samples_completions(self) -> bool:
@@ -149,6 +172,22 @@ class OnPolicyFields:
             raise ValueError(f"off_policy_steps must be >= 0, got {self.off_policy_steps}.")
         self.generation_kwargs = _as_keyword_dict(self.generation_kwargs, "generation_kwargs")
         self.sampling_settings()  # validates the sampling fields
+        if self.use_vllm:
+            if self.vllm_mode not in ("colocate", "server"):
+                raise ValueError(f"vllm_mode must be 'colocate' or 'server', got {self.vllm_mode!r}.")
+            if self.lmbda == 0:
+                raise ValueError("use_vllm=True samples the student's completions, and lmbda=0 samples none (seq_kd's "
+                                 "teacher samples use transformers generate). Set lmbda > 0, or use_vllm=False.")
+
+    def vllm_engine_kwargs(self) -> dict:
+        """The keyword arguments of :class:`~llmkd.generation.VLLMSampler` (TRL's VLLMGeneration fields) these
+        fields give."""
+        return dict(server_base_url=self.vllm_server_base_url, server_host=self.vllm_server_host,
+                    server_port=self.vllm_server_port, server_timeout=self.vllm_server_timeout,
+                    group_port=self.vllm_group_port, gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+                    max_model_length=self.vllm_max_model_length, tensor_parallel_size=self.vllm_tensor_parallel_size,
+                    enable_sleep_mode=self.vllm_enable_sleep_mode, model_impl=self.vllm_model_impl,
+                    trust_remote_code=getattr(self, "trust_remote_code", False))
 
 
 @dataclass
@@ -222,6 +261,10 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
         off_policy_steps: the first N optimizer steps use the dataset's completions (a warm start).
         max_completion_length, generation_temperature (None: ``temperature``), top_p, top_k, min_p,
             repetition_penalty, generation_kwargs: how completions are sampled.
+        use_vllm: sample the student's completions with vLLM (``llmkd[vllm]``) instead of transformers
+            ``generate``; vllm_mode ``"colocate"`` (default) or ``"server"``, and TRL's ``vllm_*`` fields
+            (vllm_server_base_url / host / port / timeout, vllm_group_port, vllm_gpu_memory_utilization,
+            vllm_max_model_length, vllm_tensor_parallel_size, vllm_enable_sleep_mode, vllm_model_impl).
 
     Parameters of robustness:
         nonfinite_loss: a NaN or infinite training loss ``"stop"``s the run with an error naming the optimizer step

@@ -29,7 +29,10 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
-from transformers.configuration_utils import SubConfigSpec
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers < 5.23 (vLLM's CPU build pins 5.19): DHO is unavailable there, the rest works
+    SubConfigSpec = None
 from transformers.utils import ModelOutput
 
 FEATURE_POOLINGS = ("auto", "pooler", "cls", "mean")
@@ -60,7 +63,7 @@ class DualHeadConfig(PreTrainedConfig):
             config_class=AutoConfig, model_type="resnet",
             init_kwargs={"layer_type": "basic", "depths": [2, 2, 2, 2], "hidden_sizes": [64, 128, 256, 512]},
         ),
-    }
+    } if SubConfigSpec is not None else {}
 
     backbone_config: dict | PreTrainedConfig | None = None
     feature_pooling: str = "auto"
@@ -70,6 +73,12 @@ class DualHeadConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
+        if SubConfigSpec is None:
+            import transformers
+
+            raise ImportError(f"DHO's DualHeadConfig needs transformers >= 5.23 (sub-config defaults), and this "
+                              f"environment has {transformers.__version__} (vLLM's CPU build pins < 5.20). Use an "
+                              "environment without vLLM for DHO.")
         super().__post_init__(**kwargs)
         if getattr(self.backbone_config, "model_type", None) == "clip":
             self.backbone_config = self.backbone_config.vision_config

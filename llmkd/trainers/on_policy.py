@@ -36,7 +36,7 @@ from contextlib import contextmanager
 import torch
 
 from ..data import IMAGE_FIELDS, PROMPT_LENGTH
-from ..generation import completion_batch, left_padded_prompts, sample_completions
+from ..generation import VLLMSampler, completion_batch, left_padded_prompts, sample_completions
 from ..loading import position_limit
 from ..losses import DistillationObjective, SampledTokenLoss
 
@@ -106,6 +106,7 @@ class OnPolicyMixin:
     and the loss asks :meth:`objective_for_completions` for the objective of the current micro-batch."""
 
     sampling = None  # SamplingSettings, or None when no completion is ever generated
+    vllm_sampler = None  # the student's VLLMSampler (use_vllm), started at its first sample
     completions_source = "dataset"  # of the micro-batch being computed
 
     def setup_on_policy(self) -> None:
@@ -143,14 +144,35 @@ class OnPolicyMixin:
         gradient checkpointing off, as TRL does)."""
         from trl.models.utils import unwrap_model_for_generation
 
+        if source == "student" and self.args.use_vllm:
+            sampler = self._vllm_sampler()
+            sampler.sync(self.state.global_step)  # the weights of this step, pushed once per optimizer step
+            yield sampler
+            return
         model = self.model_wrapped if source == "student" else self.teacher_signal.model
         with unwrap_model_for_generation(model, self.accelerator) as unwrapped:
             yield unwrapped
 
+    def _vllm_sampler(self) -> VLLMSampler:
+        """The student's vLLM engine or server client, started at the first student sample (after the Trainer has
+        prepared the model, so that TRL's parameter walk sees the DeepSpeed / PEFT wrapping)."""
+        if self.vllm_sampler is None:
+            args = self.args
+            self.vllm_sampler = VLLMSampler(
+                self.model, self.accelerator, self._tokenizer, self.sampling, mode=args.vllm_mode,
+                max_num_seqs=args.per_device_train_batch_size, **args.vllm_engine_kwargs())
+        return self.vllm_sampler
+
     def sample(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, seed: int,
                extra_inputs: dict) -> torch.Tensor:
-        """``(B, L)`` new tokens after the left-padded prompts ``(B, P)``; the one place completions are drawn."""
+        """``(B, L)`` new tokens after the left-padded prompts ``(B, P)``; the one place completions are drawn
+        (``model``: a model for transformers generate, or the student's :class:`~llmkd.generation.VLLMSampler`)."""
         tokenizer = self._tokenizer
+        if isinstance(model, VLLMSampler):
+            if extra_inputs:
+                raise ValueError(f"use_vllm samples text-only students, and this batch has {sorted(extra_inputs)}: "
+                                 "sample a vision-language student with transformers generate (use_vllm=False).")
+            return model.sample(prompt_ids, prompt_mask, seed=seed, pad_token_id=self._pad_token_id(tokenizer))
         return sample_completions(model, prompt_ids, prompt_mask, self.sampling, seed=seed,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=self._pad_token_id(tokenizer),
                                   extra_inputs=extra_inputs)

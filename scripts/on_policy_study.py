@@ -1,0 +1,303 @@
+"""Does on-policy distillation work? The study of docs/ON_POLICY.md, on two offline tasks, written by this script.
+
+    OMP_NUM_THREADS=1 python scripts/on_policy_study.py --write     # every method, 2 tasks x 3 seeds (see --help)
+
+Tasks (character-level, the quickstart's tokenizer):
+
+* ``addition``: the quickstart's three-digit addition, lowest digit first, with its shipped teacher;
+* ``reversal``: write a string of 12 digits backwards (``"401377520986=" -> "689025773104"``): every answer token
+  follows the student's own earlier tokens for 12 steps, where a student trained on the dataset's completions only
+  never sees its own mistakes (exposure bias, the case on-policy distillation is meant for). Its teacher (the
+  quickstart teacher's architecture) is trained here once on 100k rows and cached in ``--work_dir``.
+
+As in the quickstart, the students' training rows are noisy (30% of them have one wrong digit) and the held-out rows
+are right, so a teacher's distribution carries what the labels lack. Every student has the quickstart student's
+architecture, is initialised from the seed, and trains for the same steps on the same rows in the same order.
+
+Methods (all distillation losses alone, ``kd_ratio=1``; SFT is the cross-entropy alone): ``sft``, ``fkl``
+(off-policy forward KL), ``rkl`` (off-policy reverse KL), ``on_rkl`` (lmbda 1, reverse KL), ``on_jsd``
+(lmbda 1, JSD beta 0.5), ``mixed`` (lmbda 0.5, JSD beta 0.5: TRL's GKD defaults), ``seq_kd`` (forward KL on
+teacher samples), ``sampled_token`` (lmbda 1, the sampled-token policy gradient), ``taid`` and ``on_taid`` (TAID
+off- and on-policy, lmbda 1). Each method that samples runs twice: from scratch, and from a warm start (its first
+third of the steps on the dataset's completions, ``off_policy_steps``, GKD's protocol); for the others the two are
+the same run.
+
+Reported per (task, method, start), mean and range over the seeds: held-out greedy exact match, and the teacher's
+mean negative log-likelihood per token of the student's own samples (temperature 1) on the held-out prompts: how
+likely the teacher finds what the student writes, the quantity reverse KL / on-policy methods optimise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import AutoConfig, AutoModelForCausalLM, PrinterCallback, Trainer, TrainingArguments
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_step import write_section  # noqa: E402
+
+from llmkd import DistillConfig, DistillTrainer, TAIDConfig, TAIDTrainer  # noqa: E402
+from llmkd.constants import IGNORE_INDEX  # noqa: E402
+from llmkd.data import DistillDataCollator, prepare_dataset  # noqa: E402
+from llmkd.generation import SamplingSettings, completion_batch, sample_completions  # noqa: E402
+from llmkd.quickstart.evaluate import exact_match  # noqa: E402
+from llmkd.quickstart.run import asset_path  # noqa: E402
+from llmkd.quickstart.task import _with_a_wrong_digit, make_split, make_tokenizer  # noqa: E402
+
+DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "ON_POLICY.md")
+REVERSAL_DIGITS = 12
+
+# method -> (trainer family, config fields); "sft" is plain transformers.Trainer
+METHODS = {
+    "sft": ("sft", {}),
+    "fkl": ("kd", {"divergence": "fkl"}),
+    "rkl": ("kd", {"divergence": "rkl"}),
+    "on_rkl": ("kd", {"divergence": "rkl", "lmbda": 1.0}),
+    "on_jsd": ("kd", {"divergence": "jsd", "jsd_beta": 0.5, "lmbda": 1.0}),
+    "mixed": ("kd", {"divergence": "jsd", "jsd_beta": 0.5, "lmbda": 0.5}),
+    "seq_kd": ("kd", {"divergence": "fkl", "seq_kd": True}),
+    "sampled_token": ("kd", {"divergence": "rkl", "lmbda": 1.0, "on_policy_objective": "sampled_token"}),
+    "taid": ("taid", {}),
+    "on_taid": ("taid", {"lmbda": 1.0}),
+}
+
+
+def samples(fields: dict) -> bool:
+    return fields.get("lmbda", 0) > 0 or fields.get("seq_kd", False)
+
+
+# ------------------------------------------------------------------------------------------------------ tasks
+def reversal_rows(n: int, seed: int, label_noise: float, held_out: bool) -> list[dict[str, str]]:
+    """``n`` distinct rows "d1..d12=" -> "d12..d1"; a string is held out when its hash bucket says so, so the two
+    splits never share a string; ``label_noise`` of the rows get one wrong digit in the answer."""
+    rng = random.Random(f"reversal-{'held_out' if held_out else 'train'}-{seed}")
+    noise = random.Random(f"reversal-noise-{seed}")
+    rows, seen = [], set()
+    while len(rows) < n:
+        digits = "".join(rng.choice("0123456789") for _ in range(REVERSAL_DIGITS))
+        if digits in seen or (hash_bucket(digits) < 10) != held_out:
+            continue
+        seen.add(digits)
+        answer = digits[::-1]
+        if label_noise and noise.random() < label_noise:
+            answer = _with_a_wrong_digit(answer, noise)
+        rows.append({"prompt": digits + "=", "completion": answer})
+    return rows
+
+
+def hash_bucket(text: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little") % 100
+
+
+def task_data(task: str, seed: int, args) -> tuple[list[dict], list[dict], int]:
+    """(noisy training rows, held-out rows, completion tokens to generate)."""
+    if task == "addition":
+        return (make_split("train", args.train_examples, seed=seed, label_noise=0.3),
+                make_split("held_out", args.held_out_examples, seed=0), 5)
+    return (reversal_rows(args.train_examples, seed, 0.3, held_out=False),
+            reversal_rows(args.held_out_examples, 0, 0.0, held_out=True), REVERSAL_DIGITS + 1)
+
+
+def teacher_for(task: str, tokenizer, args):
+    if task == "addition":
+        return AutoModelForCausalLM.from_pretrained(asset_path("teacher"), use_safetensors=True)
+    path = os.path.join(args.work_dir, "reversal_teacher")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        print("[study] training the reversal teacher (once; cached in", path, ")", flush=True)
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(asset_path("teacher"))
+        teacher = AutoModelForCausalLM.from_config(config)
+        rows = reversal_rows(100_000, 1000, 0.3, held_out=False)
+        train_ce(teacher, tokenizer, rows, os.path.join(args.work_dir, "teacher_run"), steps=args.teacher_steps,
+                 batch_size=128, seed=0)
+        teacher.save_pretrained(path)
+    teacher = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    return teacher
+
+
+# --------------------------------------------------------------------------------------------------- training
+def training_fields(args, run_dir: str, seed: int, steps: int) -> dict:
+    return dict(output_dir=run_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
+                learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(steps // 20, 1),
+                weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(steps // 10, 1), save_strategy="no",
+                report_to="none", seed=seed, data_seed=seed, remove_unused_columns=False, dataloader_num_workers=0,
+                disable_tqdm=True)
+
+
+def train_ce(model, tokenizer, rows, run_dir, *, steps, batch_size, seed, args=None):
+    """Cross-entropy on the completion tokens with transformers.Trainer (SFT, and the reversal teacher)."""
+    fields = training_fields(args, run_dir, seed, steps) if args else dict(
+        output_dir=run_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=3e-3,
+        lr_scheduler_type="cosine", warmup_steps=max(steps // 20, 1), weight_decay=0.01, max_grad_norm=1.0,
+        logging_steps=max(steps // 10, 1), save_strategy="no", report_to="none", seed=seed,
+        remove_unused_columns=False, disable_tqdm=True)
+    dataset = prepare_dataset(Dataset.from_list(rows), tokenizer, max_length=None, completion_only_loss=True)
+    trainer = Trainer(model=model, args=TrainingArguments(**fields), train_dataset=dataset,
+                      data_collator=DistillDataCollator(pad_token_id=tokenizer.pad_token_id),
+                      processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return model
+
+
+def new_student(seed: int):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(asset_path("student")))
+
+
+def train_student(method: str, warm: bool, seed: int, teacher, tokenizer, rows, completion_tokens, args):
+    family, fields = METHODS[method]
+    run_dir = os.path.join(args.work_dir, "runs", f"{method}-{seed}")
+    student = new_student(seed)
+    if family == "sft":
+        return train_ce(student, tokenizer, rows, run_dir, steps=args.max_steps, batch_size=args.batch_size,
+                        seed=seed, args=args)
+    fields = dict(fields, kd_ratio=1.0)
+    if samples(fields):
+        fields.update(max_completion_length=completion_tokens, off_policy_steps=args.max_steps // 3 if warm else 0)
+    config_class, trainer_class = (DistillConfig, DistillTrainer) if family == "kd" else (TAIDConfig, TAIDTrainer)
+    config = config_class(**training_fields(args, run_dir, seed, args.max_steps), **fields)
+    trainer = trainer_class(model=student, teacher_model=teacher, args=config, train_dataset=Dataset.from_list(rows),
+                            processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return trainer.model
+
+
+# ------------------------------------------------------------------------------------------------- measuring
+@torch.no_grad()
+def teacher_nll_of_samples(student, teacher, tokenizer, rows, completion_tokens: int, seed: int) -> float:
+    """The teacher's mean NLL per token (EOS included) of completions the student samples at temperature 1 after
+    the held-out prompts."""
+    encoded = tokenizer([row["prompt"] for row in rows], return_tensors="pt", padding=True)
+    settings = SamplingSettings(max_completion_length=completion_tokens, temperature=1.0)
+    generated = sample_completions(student, encoded["input_ids"], encoded["attention_mask"], settings, seed=seed,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    batch = completion_batch(encoded["input_ids"], encoded["attention_mask"], generated, tokenizer.eos_token_id,
+                             tokenizer.pad_token_id)
+    teacher.eval()
+    logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return float(nll) / max(int((targets != IGNORE_INDEX).sum()), 1)
+
+
+def runs_wanted(args) -> list[tuple[str, str, bool]]:
+    wanted = []
+    for task in args.tasks:
+        for method in args.methods:
+            starts = (False, True) if samples(METHODS[method][1]) else (False,)
+            wanted += [(task, method, warm) for warm in starts]
+    return wanted
+
+
+def summarise(results: list[dict], args) -> list[str]:
+    lines = [f"Measured by `{command_line(args)}` ({args.max_steps} steps of {args.batch_size} rows, "
+             f"{args.train_examples} noisy training rows, {args.held_out_examples} held-out rows, seeds "
+             f"{', '.join(map(str, args.seeds))}; mean over seeds, [min, max]). Exact match: held-out greedy exact "
+             "match (higher is better). Teacher NLL: the teacher's mean negative log-likelihood per token of the "
+             "student's own samples at temperature 1 on the held-out prompts (lower is better). \"warm\": the "
+             "first third of the steps on the dataset's completions, then the method.", ""]
+    for task in args.tasks:
+        teacher_rows = [r for r in results if r["task"] == task and r["method"] == "teacher"]
+        teacher_text = (f"; teacher exact match {teacher_rows[0]['exact_match']:.3f}, teacher NLL of its own samples "
+                        f"{teacher_rows[0]['teacher_nll']:.3f}") if teacher_rows else ""
+        lines += [f"**{task}**{teacher_text}", "",
+                  "| method | start | exact match | teacher NLL of student samples | train s |",
+                  "|---|---|---|---|---|"]
+        for _, method, warm in [w for w in runs_wanted(args) if w[0] == task]:
+            rows = [r for r in results if r["task"] == task and r["method"] == method and r["warm"] == warm]
+            if not rows:
+                continue
+            em = [r["exact_match"] for r in rows]
+            nll = [r["teacher_nll"] for r in rows]
+            start = ("warm" if warm else "scratch") if samples(METHODS[method][1]) else "-"
+            lines.append(f"| {method} | {start} | {statistics.mean(em):.3f} [{min(em):.3f}, {max(em):.3f}] | "
+                         f"{statistics.mean(nll):.3f} [{min(nll):.3f}, {max(nll):.3f}] | "
+                         f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
+        lines.append("")
+    return lines
+
+
+def command_line(args) -> str:
+    parts = ["OMP_NUM_THREADS=1 python scripts/on_policy_study.py"]
+    defaults = parse_args([])
+    for key in ("tasks", "methods", "seeds"):
+        if getattr(args, key) != getattr(defaults, key):
+            parts.append(f"--{key} " + " ".join(map(str, getattr(args, key))))
+    for key in ("max_steps", "batch_size", "train_examples", "held_out_examples", "learning_rate"):
+        if getattr(args, key) != getattr(defaults, key):
+            parts.append(f"--{key} {getattr(args, key)}")
+    return " ".join(parts + ["--write"])
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=["addition", "reversal"], default=["addition", "reversal"])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--max_steps", type=int, default=600)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=3e-3)
+    parser.add_argument("--train_examples", type=int, default=1000)
+    parser.add_argument("--held_out_examples", type=int, default=500)
+    parser.add_argument("--teacher_steps", type=int, default=3000)
+    parser.add_argument("--work_dir", default="/tmp/llmkd_on_policy_study")
+    parser.add_argument("--results", default=None, help="JSON lines of every run (default: WORK_DIR/results.jsonl); "
+                        "runs already there are not rerun.")
+    parser.add_argument("--write", action="store_true", help="Write the table into docs/ON_POLICY.md.")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    os.makedirs(args.work_dir, exist_ok=True)
+    results_path = args.results or os.path.join(args.work_dir, "results.jsonl")
+    results = [json.loads(line) for line in open(results_path)] if os.path.exists(results_path) else []
+    done = {(r["task"], r["method"], r["warm"], r["seed"]) for r in results}
+    tokenizer = make_tokenizer()
+    for task in args.tasks:
+        teacher = teacher_for(task, tokenizer, args)
+        _, held_out, completion_tokens = task_data(task, 0, args)
+        if (task, "teacher", False, 0) not in done:
+            row = {"task": task, "method": "teacher", "warm": False, "seed": 0, "seconds": 0.0,
+                   "exact_match": exact_match(teacher, tokenizer, held_out, max_new_tokens=completion_tokens),
+                   "teacher_nll": teacher_nll_of_samples(teacher, teacher, tokenizer, held_out, completion_tokens, 0)}
+            results.append(row)
+            with open(results_path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        for _, method, warm in [w for w in runs_wanted(args) if w[0] == task]:
+            for seed in args.seeds:
+                if (task, method, warm, seed) in done:
+                    continue
+                train_rows, held_out, completion_tokens = task_data(task, seed, args)
+                start = time.time()
+                student = train_student(method, warm, seed, teacher, tokenizer, train_rows, completion_tokens, args)
+                seconds = time.time() - start
+                row = {"task": task, "method": method, "warm": warm, "seed": seed, "seconds": seconds,
+                       "exact_match": exact_match(student, tokenizer, held_out, max_new_tokens=completion_tokens),
+                       "teacher_nll": teacher_nll_of_samples(student, teacher, tokenizer, held_out,
+                                                             completion_tokens, seed)}
+                print(f"[study] {json.dumps(row)}", flush=True)
+                results.append(row)
+                with open(results_path, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+    lines = summarise(results, args)
+    print("\n".join(lines))
+    if args.write:
+        write_section(DOC, "on_policy_study", lines)
+
+
+if __name__ == "__main__":
+    main()
