@@ -146,7 +146,8 @@ def train_ce(model, tokenizer, rows, run_dir, *, steps, batch_size, seed, args=N
     trainer = Trainer(model=model, args=TrainingArguments(**fields), train_dataset=dataset,
                       data_collator=DistillDataCollator(pad_token_id=tokenizer.pad_token_id),
                       processing_class=tokenizer)
-    trainer.remove_callback(PrinterCallback)
+    if args is not None:  # the students run quietly; the teacher's progress is printed
+        trainer.remove_callback(PrinterCallback)
     trainer.train()
     return model
 

@@ -89,7 +89,9 @@ def _engine_class():
         def sync_weights(self):
             if self.mode != "colocate":
                 return super().sync_weights()
-            weights = list(self._iter_named_params())  # gathered (ZeRO-3) / merged (LoRA) one at a time by TRL
+            # TRL's walk gathers a ZeRO-3 shard (or merges the LoRA adapters) only while its item is current, and
+            # repartitions (unmerges) in place afterwards: copy each tensor while it is current.
+            weights = ((name, tensor.detach().clone()) for name, tensor in self._iter_named_params())
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                               "is_checkpoint_format": True})
             self.llm.reset_prefix_cache()
