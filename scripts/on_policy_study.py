@@ -1,20 +1,24 @@
 """Does on-policy distillation work? The study of docs/ON_POLICY.md, on two offline tasks, written by this script.
 
-    OMP_NUM_THREADS=1 python scripts/on_policy_study.py --write     # every method, 2 tasks x 3 seeds (see --help)
+    OMP_NUM_THREADS=1 python scripts/on_policy_study.py --tasks addition &      # one process per task and core
+    OMP_NUM_THREADS=1 python scripts/on_policy_study.py --tasks reversal; wait
+    python scripts/on_policy_study.py --write      # the table from the runs recorded (WORK_DIR/results.jsonl)
 
 Tasks (character-level, the quickstart's tokenizer):
 
 * ``addition``: the quickstart's three-digit addition, lowest digit first, with its shipped teacher;
-* ``reversal``: write a string of 12 digits backwards (``"401377520986=" -> "689025773104"``): every answer token
-  follows the student's own earlier tokens for 12 steps, where a student trained on the dataset's completions only
+* ``reversal``: write a string of 10 digits backwards (``"4013775209=" -> "9025773104"``): every answer token
+  follows the student's own earlier tokens for 10 steps, where a student trained on the dataset's completions only
   never sees its own mistakes (exposure bias, the case on-policy distillation is meant for). Its teacher (the
-  quickstart teacher's architecture) is trained here once on 100k rows and cached in ``--work_dir``.
+  quickstart teacher's architecture) is trained here once (2000 steps of 128 of 100k noisy rows) and cached in ``--work_dir``.
 
 As in the quickstart, the students' training rows are noisy (30% of them have one wrong digit) and the held-out rows
 are right, so a teacher's distribution carries what the labels lack. Every student has the quickstart student's
 architecture, is initialised from the seed, and trains for the same steps on the same rows in the same order.
 
-Methods (all distillation losses alone, ``kd_ratio=1``; SFT is the cross-entropy alone): ``sft``, ``fkl``
+Methods (``kd_ratio`` 0.5 as in the quickstart: half CE, half divergence on the dataset's and the teacher's
+completions; student samples carry no CE, their labels being the student's own tokens, so a fully on-policy run
+learns from the divergence alone, and its warm start is CE + divergence; SFT is CE alone): ``sft``, ``fkl``
 (off-policy forward KL), ``rkl`` (off-policy reverse KL), ``on_rkl`` (lmbda 1, reverse KL), ``on_jsd``
 (lmbda 1, JSD beta 0.5), ``mixed`` (lmbda 0.5, JSD beta 0.5: TRL's GKD defaults), ``seq_kd`` (forward KL on
 teacher samples), ``sampled_token`` (lmbda 1, the sampled-token policy gradient), ``taid`` and ``on_taid`` (TAID
@@ -54,7 +58,7 @@ from llmkd.quickstart.run import asset_path  # noqa: E402
 from llmkd.quickstart.task import _with_a_wrong_digit, make_split, make_tokenizer  # noqa: E402
 
 DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "ON_POLICY.md")
-REVERSAL_DIGITS = 12
+REVERSAL_DIGITS = 10
 
 # method -> (trainer family, config fields); "sft" is plain transformers.Trainer
 METHODS = {
@@ -105,7 +109,7 @@ def task_data(task: str, seed: int, args) -> tuple[list[dict], list[dict], int]:
     if task == "addition":
         return (make_split("train", args.train_examples, seed=seed, label_noise=0.3),
                 make_split("held_out", args.held_out_examples, seed=0), 5)
-    return (reversal_rows(args.train_examples, seed, 0.3, held_out=False),
+    return (reversal_rows(args.reversal_train_examples, seed, 0.3, held_out=False),
             reversal_rows(args.held_out_examples, 0, 0.0, held_out=True), REVERSAL_DIGITS + 1)
 
 
@@ -164,7 +168,7 @@ def train_student(method: str, warm: bool, seed: int, teacher, tokenizer, rows, 
     if family == "sft":
         return train_ce(student, tokenizer, rows, run_dir, steps=args.max_steps, batch_size=args.batch_size,
                         seed=seed, args=args)
-    fields = dict(fields, kd_ratio=1.0)
+    fields = dict(fields, kd_ratio=args.kd_ratio)
     if samples(fields):
         fields.update(max_completion_length=completion_tokens, off_policy_steps=args.max_steps // 3 if warm else 0)
     config_class, trainer_class = (DistillConfig, DistillTrainer) if family == "kd" else (TAIDConfig, TAIDTrainer)
@@ -215,8 +219,8 @@ def summarise(results: list[dict], args) -> list[str]:
         teacher_text = (f"; teacher exact match {teacher_rows[0]['exact_match']:.3f}, teacher NLL of its own samples "
                         f"{teacher_rows[0]['teacher_nll']:.3f}") if teacher_rows else ""
         lines += [f"**{task}**{teacher_text}", "",
-                  "| method | start | exact match | teacher NLL of student samples | train s |",
-                  "|---|---|---|---|---|"]
+                  "| method | start | seeds | exact match | teacher NLL of student samples | train s |",
+                  "|---|---|---|---|---|---|"]
         for _, method, warm in [w for w in runs_wanted(args) if w[0] == task]:
             rows = [r for r in results if r["task"] == task and r["method"] == method and r["warm"] == warm]
             if not rows:
@@ -224,7 +228,7 @@ def summarise(results: list[dict], args) -> list[str]:
             em = [r["exact_match"] for r in rows]
             nll = [r["teacher_nll"] for r in rows]
             start = ("warm" if warm else "scratch") if samples(METHODS[method][1]) else "-"
-            lines.append(f"| {method} | {start} | {statistics.mean(em):.3f} [{min(em):.3f}, {max(em):.3f}] | "
+            lines.append(f"| {method} | {start} | {len(rows)} | {statistics.mean(em):.3f} [{min(em):.3f}, {max(em):.3f}] | "
                          f"{statistics.mean(nll):.3f} [{min(nll):.3f}, {max(nll):.3f}] | "
                          f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
         lines.append("")
@@ -237,7 +241,8 @@ def command_line(args) -> str:
     for key in ("tasks", "methods", "seeds"):
         if getattr(args, key) != getattr(defaults, key):
             parts.append(f"--{key} " + " ".join(map(str, getattr(args, key))))
-    for key in ("max_steps", "batch_size", "train_examples", "held_out_examples", "learning_rate"):
+    for key in ("max_steps", "batch_size", "train_examples", "reversal_train_examples", "kd_ratio",
+                "held_out_examples", "learning_rate"):
         if getattr(args, key) != getattr(defaults, key):
             parts.append(f"--{key} {getattr(args, key)}")
     return " ".join(parts + ["--write"])
@@ -248,12 +253,18 @@ def parse_args(argv):
     parser.add_argument("--tasks", nargs="+", choices=["addition", "reversal"], default=["addition", "reversal"])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--max_steps", type=int, default=600)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_steps", type=int, default=900)
+    parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--train_examples", type=int, default=1000)
-    parser.add_argument("--held_out_examples", type=int, default=500)
-    parser.add_argument("--teacher_steps", type=int, default=3000)
+    parser.add_argument("--reversal_train_examples", type=int, default=4000,
+                        help="Training rows of the reversal task (more than addition's: with 1000 strings the "
+                             "student memorises rather than learns to copy backwards).")
+    parser.add_argument("--kd_ratio", type=float, default=0.5,
+                        help="CE weight 1 - kd_ratio on the dataset's and the teacher's completions (student "
+                             "samples never carry CE).")
+    parser.add_argument("--held_out_examples", type=int, default=300)
+    parser.add_argument("--teacher_steps", type=int, default=2000)
     parser.add_argument("--work_dir", default="/tmp/llmkd_on_policy_study")
     parser.add_argument("--results", default=None, help="JSON lines of every run (default: WORK_DIR/results.jsonl); "
                         "runs already there are not rerun.")
@@ -278,8 +289,9 @@ def main(argv=None) -> None:
             results.append(row)
             with open(results_path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
-        for _, method, warm in [w for w in runs_wanted(args) if w[0] == task]:
-            for seed in args.seeds:
+        # seeds outermost: a study stopped early has every method on its first seeds
+        for seed in args.seeds:
+            for _, method, warm in [w for w in runs_wanted(args) if w[0] == task]:
                 if (task, method, warm, seed) in done:
                     continue
                 train_rows, held_out, completion_tokens = task_data(task, seed, args)

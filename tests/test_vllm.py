@@ -1,7 +1,7 @@
 """The vLLM backend of on-policy distillation (use_vllm=True, llmkd/generation/vllm_sampler.py).
 
 The tests marked ``vllm`` start a real colocated vLLM engine (vLLM's CPU build, in its own environment:
-``bash scripts/setup_vllm.sh`` then ``.venv-vllm/bin/python -m pytest -m vllm``); where vLLM is not installed they
+``bash scripts/setup_vllm.sh`` then ``.venv-vllm/bin/python -m pytest -m vllm_env``, the README's test command); where vLLM is not installed they
 are skipped and the error a user gets instead is tested. Each engine runs in a process of its own
 (tests/vllm_worker.py).
 """
@@ -24,7 +24,7 @@ from llmkd.generation import SamplingSettings, VLLMSampler, VLLMUnavailableError
 HERE = os.path.dirname(__file__)
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed: bash scripts/setup_vllm.sh, then "
-                                "run .venv-vllm/bin/python -m pytest -m vllm")
+                                "run .venv-vllm/bin/python -m pytest -m vllm_env")
 # fp32 on both sides: the engine's and transformers' log-probabilities of the same tokens differ by float32 rounding
 # of the same sums (hidden 64, 2 layers, vocab 320: |log p| < 10, relative error ~1e-6), far below this bound; a stale
 # or wrong weight moves them by > 0.1 (the gap to the initial weights, asserted below).
