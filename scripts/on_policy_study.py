@@ -22,9 +22,12 @@ learns from the divergence alone, and its warm start is CE + divergence; SFT is 
 (off-policy forward KL), ``rkl`` (off-policy reverse KL), ``on_rkl`` (lmbda 1, reverse KL), ``on_jsd``
 (lmbda 1, JSD beta 0.5), ``mixed`` (lmbda 0.5, JSD beta 0.5: TRL's GKD defaults), ``seq_kd`` (forward KL on
 teacher samples), ``sampled_token`` (lmbda 1, the sampled-token policy gradient), ``taid`` and ``on_taid`` (TAID
-off- and on-policy, lmbda 1). Each method that samples runs twice: from scratch, and from a warm start (its first
-third of the steps on the dataset's completions, ``off_policy_steps``, GKD's protocol); for the others the two are
-the same run.
+off- and on-policy, lmbda 1). Each method that samples runs twice: from scratch (``max_steps`` of the method), and
+from a warm start, GKD's protocol: the student after a third of the steps of off-policy forward KL (the ``fkl``
+method, trained once per task and seed and shared), then the other two thirds of the method. A warm phase with the
+method's own loss does not work for reverse-KL objectives, which collapse from scratch (first draft of this study:
+the RKL students' greedy answer was the same string for every prompt). For the methods that do not sample, the
+scratch run is reported.
 
 Reported per (task, method, start), mean and range over the seeds: held-out greedy exact match, and the teacher's
 mean negative log-likelihood per token of the student's own samples (temperature 1) on the held-out prompts: how
@@ -59,6 +62,7 @@ from llmkd.quickstart.task import _with_a_wrong_digit, make_split, make_tokenize
 
 DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "ON_POLICY.md")
 REVERSAL_DIGITS = 10
+WARM_START = "fkl_third"  # warm runs start from the student after max_steps // 3 steps of off-policy FKL
 
 # method -> (trainer family, config fields); "sft" is plain transformers.Trainer
 METHODS = {
@@ -161,23 +165,45 @@ def new_student(seed: int):
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(asset_path("student")))
 
 
-def train_student(method: str, warm: bool, seed: int, teacher, tokenizer, rows, completion_tokens, args):
+def warm_student(task: str, seed: int, teacher, tokenizer, rows, args):
+    """GKD's starting point: the student after the first third of the steps of off-policy forward KL (the ``fkl``
+    method's loss), trained once per (task, seed) and shared by every warm run."""
+    path = os.path.join(args.work_dir, "warm", f"{task}-{seed}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        student = run_method("fkl", new_student(seed), seed, teacher, tokenizer, rows, 0, args, args.max_steps // 3,
+                             os.path.join(args.work_dir, "runs", f"warm-{task}-{seed}"))
+        student.save_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+
+
+def run_method(method: str, student, seed: int, teacher, tokenizer, rows, completion_tokens, args, steps: int,
+               run_dir: str):
     family, fields = METHODS[method]
-    run_dir = os.path.join(args.work_dir, "runs", f"{method}-{seed}")
-    student = new_student(seed)
     if family == "sft":
-        return train_ce(student, tokenizer, rows, run_dir, steps=args.max_steps, batch_size=args.batch_size,
-                        seed=seed, args=args)
+        return train_ce(student, tokenizer, rows, run_dir, steps=steps, batch_size=args.batch_size, seed=seed,
+                        args=args)
     fields = dict(fields, kd_ratio=args.kd_ratio)
     if samples(fields):
-        fields.update(max_completion_length=completion_tokens, off_policy_steps=args.max_steps // 3 if warm else 0)
+        fields.update(max_completion_length=completion_tokens)
     config_class, trainer_class = (DistillConfig, DistillTrainer) if family == "kd" else (TAIDConfig, TAIDTrainer)
-    config = config_class(**training_fields(args, run_dir, seed, args.max_steps), **fields)
+    config = config_class(**training_fields(args, run_dir, seed, steps), **fields)
     trainer = trainer_class(model=student, teacher_model=teacher, args=config, train_dataset=Dataset.from_list(rows),
                             processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return trainer.model
+
+
+def train_student(task: str, method: str, warm: bool, seed: int, teacher, tokenizer, rows, completion_tokens, args):
+    """From scratch: ``max_steps`` of the method. Warm: the shared warm student (a third of the steps of
+    off-policy FKL), then the other two thirds of the method (its own learning-rate schedule)."""
+    run_dir = os.path.join(args.work_dir, "runs", f"{task}-{method}-{'warm' if warm else 'scratch'}-{seed}")
+    if not warm:
+        return run_method(method, new_student(seed), seed, teacher, tokenizer, rows, completion_tokens, args,
+                          args.max_steps, run_dir)
+    student = warm_student(task, seed, teacher, tokenizer, rows, args)
+    return run_method(method, student, seed, teacher, tokenizer, rows, completion_tokens, args,
+                      args.max_steps - args.max_steps // 3, run_dir)
 
 
 # ------------------------------------------------------------------------------------------------- measuring
@@ -277,6 +303,8 @@ def main(argv=None) -> None:
     os.makedirs(args.work_dir, exist_ok=True)
     results_path = args.results or os.path.join(args.work_dir, "results.jsonl")
     results = [json.loads(line) for line in open(results_path)] if os.path.exists(results_path) else []
+    # warm rows of the first draft (a warm phase with the method's own loss) are superseded by the FKL warm start
+    results = [r for r in results if not r["warm"] or r.get("warm_start") == WARM_START]
     done = {(r["task"], r["method"], r["warm"], r["seed"]) for r in results}
     tokenizer = make_tokenizer()
     for task in args.tasks:
@@ -296,9 +324,11 @@ def main(argv=None) -> None:
                     continue
                 train_rows, held_out, completion_tokens = task_data(task, seed, args)
                 start = time.time()
-                student = train_student(method, warm, seed, teacher, tokenizer, train_rows, completion_tokens, args)
+                student = train_student(task, method, warm, seed, teacher, tokenizer, train_rows, completion_tokens,
+                                        args)
                 seconds = time.time() - start
                 row = {"task": task, "method": method, "warm": warm, "seed": seed, "seconds": seconds,
+                       "warm_start": WARM_START if warm else None,
                        "exact_match": exact_match(student, tokenizer, held_out, max_new_tokens=completion_tokens),
                        "teacher_nll": teacher_nll_of_samples(student, teacher, tokenizer, held_out,
                                                              completion_tokens, seed)}
