@@ -10,7 +10,8 @@ Tasks (character-level, the quickstart's tokenizer):
 * ``reversal``: write a string of 10 digits backwards (``"4013775209=" -> "9025773104"``): every answer token
   follows the student's own earlier tokens for 10 steps, where a student trained on the dataset's completions only
   never sees its own mistakes (exposure bias, the case on-policy distillation is meant for). Its teacher (the
-  quickstart teacher's architecture) is trained here once (2000 steps of 128 of 100k noisy rows) and cached in ``--work_dir``.
+  quickstart teacher's architecture) is trained here once (2000 steps of 128 of 100k noisy rows) and cached in
+  ``--work_dir``.
 
 As in the quickstart, the students' training rows are noisy (30% of them have one wrong digit) and the held-out rows
 are right, so a teacher's distribution carries what the labels lack. Every student has the quickstart student's
@@ -254,7 +255,8 @@ def summarise(results: list[dict], args) -> list[str]:
             em = [r["exact_match"] for r in rows]
             nll = [r["teacher_nll"] for r in rows]
             start = ("warm" if warm else "scratch") if samples(METHODS[method][1]) else "-"
-            lines.append(f"| {method} | {start} | {len(rows)} | {statistics.mean(em):.3f} [{min(em):.3f}, {max(em):.3f}] | "
+            lines.append(f"| {method} | {start} | {len(rows)} | "
+                         f"{statistics.mean(em):.3f} [{min(em):.3f}, {max(em):.3f}] | "
                          f"{statistics.mean(nll):.3f} [{min(nll):.3f}, {max(nll):.3f}] | "
                          f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
         lines.append("")

@@ -23,4 +23,5 @@ CONSTRAINTS="$(mktemp)"
 grep -E '^(accelerate|datasets|peft|trl|evaluate|pytest|pytest-timeout)==' constraints.txt > "$CONSTRAINTS"
 python -m pip install --quiet -c "$CONSTRAINTS" -e ".[dev]"
 rm -f "$CONSTRAINTS"
-python -c "import llmkd, torch, transformers, vllm; print(f'.venv-vllm ready: llmkd {llmkd.__version__}, vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"
+python -c "import llmkd, torch, transformers, vllm; print(f'.venv-vllm ready: llmkd {llmkd.__version__}, ' \
+  f'vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -1,9 +1,9 @@
 """The vLLM backend of on-policy distillation (use_vllm=True, llmkd/generation/vllm_sampler.py).
 
 The tests marked ``vllm`` start a real colocated vLLM engine (vLLM's CPU build, in its own environment:
-``bash scripts/setup_vllm.sh`` then ``.venv-vllm/bin/python -m pytest -m vllm_env``, the README's test command); where vLLM is not installed they
-are skipped and the error a user gets instead is tested. Each engine runs in a process of its own
-(tests/vllm_worker.py).
+``bash scripts/setup_vllm.sh`` then ``.venv-vllm/bin/python -m pytest -m vllm_env``, the README's test command);
+where vLLM is not installed they are skipped and the error a user gets instead is tested. Each engine runs in a
+process of its own (tests/vllm_worker.py).
 """
 
 from __future__ import annotations
