@@ -149,3 +149,21 @@ def test_student_gradients(ranks, config):
         assert all(run["student_params_after"].values()), "student parameters not resharded after backward"
         if run["config"]["reshard_after_forward"]:
             assert all(run["teacher_params_after"].values()), "teacher parameters left gathered after the step"
+
+
+def test_fsdp2_student_samples_the_unsharded_completions_when_ranks_finish_apart(tmp_path):
+    """On-policy sampling on an FSDP2 student (tests/distributed/fsdp_generate_worker.py): rank 0's completions end
+    after one token, rank 1's run to the limit, and both equal the unsharded student's greedy completions. Without
+    ``synced_gpus`` the finished rank would stop joining the all-gathers and the launch would hang (a timeout)."""
+    result = launch("tests/distributed/fsdp_generate_worker.py", nprocs=WORLD, timeout=RUN_TIMEOUT, out_dir=tmp_path)
+    facts = [json.loads(result.files[f"fsdp_generate.rank{r}.json"]) for r in range(WORLD)]
+    lengths = []
+    for rank, f in enumerate(facts):
+        assert f["rank"] == rank and f["student_is_fsdp"] and f["sharded_params"], f
+        expected, sharded = f["expected"], f["sharded"]
+        width = len(expected[0])
+        lengths.append(width)
+        assert [row[:width] for row in sharded] == expected, (rank, expected, sharded)
+        assert all(token == 0 for row in sharded for token in row[width:]), sharded  # only padding after
+        assert f["student_training"], "sampling must leave the student in train mode"
+    assert lengths == [1, 8], f"the ranks should finish apart (one token vs the limit of 8), got {lengths}"
