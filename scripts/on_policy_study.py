@@ -24,11 +24,12 @@ learns from the divergence alone, and its warm start is CE + divergence; SFT is 
 (lmbda 1, JSD beta 0.5), ``mixed`` (lmbda 0.5, JSD beta 0.5: TRL's GKD defaults), ``seq_kd`` (forward KL on
 teacher samples), ``sampled_token`` (lmbda 1, the sampled-token policy gradient), ``taid`` and ``on_taid`` (TAID
 off- and on-policy, lmbda 1). Each method that samples runs twice: from scratch (``max_steps`` of the method), and
-from a warm start, GKD's protocol: the student after a third of the steps of off-policy forward KL (the ``fkl``
-method, trained once per task and seed and shared), then the other two thirds of the method. A warm phase with the
-method's own loss does not work for reverse-KL objectives, which collapse from scratch (first draft of this study:
-the RKL students' greedy answer was the same string for every prompt). For the methods that do not sample, the
-scratch run is reported.
+from a warm start, GKD's protocol: the ``fkl`` method's trained student (``max_steps`` of off-policy forward KL,
+the scratch ``fkl`` run of the seed, shared), then ``max_steps // 3`` more steps of the method at
+``--warm_learning_rate``; ``fkl`` itself runs that continuation too, the off-policy control of the warm runs. (Drafts
+of this study warm-started from a third of the FKL steps, then from a phase of the method's own loss: on addition a
+student after a third of the steps has not learnt the task yet, greedy exact match 0, which is no warm start.)
+For the other methods that do not sample, the scratch run is reported.
 
 Reported per (task, method, start), mean and range over the seeds: held-out greedy exact match, and the teacher's
 mean negative log-likelihood per token of the student's own samples (temperature 1) on the held-out prompts: how
@@ -63,7 +64,7 @@ from llmkd.quickstart.task import _with_a_wrong_digit, make_split, make_tokenize
 
 DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "ON_POLICY.md")
 REVERSAL_DIGITS = 10
-WARM_START = "fkl_third"  # warm runs start from the student after max_steps // 3 steps of off-policy FKL
+WARM_START = "fkl_full"  # warm runs continue the trained fkl student for max_steps // 3 steps
 
 # method -> (trainer family, config fields); "sft" is plain transformers.Trainer
 METHODS = {
@@ -166,20 +167,24 @@ def new_student(seed: int):
     return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(asset_path("student")))
 
 
+def warm_path(task: str, seed: int, args) -> str:
+    return os.path.join(args.work_dir, "warm", f"{task}-{seed}-{WARM_START}")
+
+
 def warm_student(task: str, seed: int, teacher, tokenizer, rows, args):
-    """GKD's starting point: the student after the first third of the steps of off-policy forward KL (the ``fkl``
-    method's loss), trained once per (task, seed) and shared by every warm run."""
-    path = os.path.join(args.work_dir, "warm", f"{task}-{seed}")
+    """GKD's starting point: the trained student of off-policy forward KL (the scratch ``fkl`` run of the seed,
+    saved by :func:`train_student`; trained here if that run was made before it was saved)."""
+    path = warm_path(task, seed, args)
     if not os.path.exists(os.path.join(path, "config.json")):
-        student = run_method("fkl", new_student(seed), seed, teacher, tokenizer, rows, 0, args, args.max_steps // 3,
-                             os.path.join(args.work_dir, "runs", f"warm-{task}-{seed}"))
-        student.save_pretrained(path)
+        train_student(task, "fkl", False, seed, teacher, tokenizer, rows, 0, args)
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
 
 
 def run_method(method: str, student, seed: int, teacher, tokenizer, rows, completion_tokens, args, steps: int,
-               run_dir: str):
+               run_dir: str, learning_rate: float | None = None):
     family, fields = METHODS[method]
+    if learning_rate is not None:
+        args = argparse.Namespace(**{**vars(args), "learning_rate": learning_rate})
     if family == "sft":
         return train_ce(student, tokenizer, rows, run_dir, steps=steps, batch_size=args.batch_size, seed=seed,
                         args=args)
@@ -196,15 +201,18 @@ def run_method(method: str, student, seed: int, teacher, tokenizer, rows, comple
 
 
 def train_student(task: str, method: str, warm: bool, seed: int, teacher, tokenizer, rows, completion_tokens, args):
-    """From scratch: ``max_steps`` of the method. Warm: the shared warm student (a third of the steps of
-    off-policy FKL), then the other two thirds of the method (its own learning-rate schedule)."""
+    """From scratch: ``max_steps`` of the method (the ``fkl`` student is saved: the warm start). Warm: the trained
+    ``fkl`` student, then ``max_steps // 3`` steps of the method at ``warm_learning_rate`` (a schedule of its own)."""
     run_dir = os.path.join(args.work_dir, "runs", f"{task}-{method}-{'warm' if warm else 'scratch'}-{seed}")
     if not warm:
-        return run_method(method, new_student(seed), seed, teacher, tokenizer, rows, completion_tokens, args,
-                          args.max_steps, run_dir)
+        student = run_method(method, new_student(seed), seed, teacher, tokenizer, rows, completion_tokens, args,
+                             args.max_steps, run_dir)
+        if method == "fkl":
+            student.save_pretrained(warm_path(task, seed, args))
+        return student
     student = warm_student(task, seed, teacher, tokenizer, rows, args)
-    return run_method(method, student, seed, teacher, tokenizer, rows, completion_tokens, args,
-                      args.max_steps - args.max_steps // 3, run_dir)
+    return run_method(method, student, seed, teacher, tokenizer, rows, completion_tokens, args, args.max_steps // 3,
+                      run_dir, learning_rate=args.warm_learning_rate)
 
 
 # ------------------------------------------------------------------------------------------------- measuring
@@ -229,7 +237,7 @@ def runs_wanted(args) -> list[tuple[str, str, bool]]:
     wanted = []
     for task in args.tasks:
         for method in args.methods:
-            starts = (False, True) if samples(METHODS[method][1]) else (False,)
+            starts = (False, True) if samples(METHODS[method][1]) or method == "fkl" else (False,)
             wanted += [(task, method, warm) for warm in starts]
     return wanted
 
@@ -239,8 +247,11 @@ def summarise(results: list[dict], args) -> list[str]:
              f"{args.train_examples} noisy training rows, {args.held_out_examples} held-out rows, seeds "
              f"{', '.join(map(str, args.seeds))}; mean over seeds, [min, max]). Exact match: held-out greedy exact "
              "match (higher is better). Teacher NLL: the teacher's mean negative log-likelihood per token of the "
-             "student's own samples at temperature 1 on the held-out prompts (lower is better). \"warm\": the "
-             "first third of the steps on the dataset's completions, then the method.", ""]
+             "student's own samples at temperature 1 on the held-out prompts (lower is better). \"scratch\": all the "
+             "steps of the method from the random initialisation. \"warm\": GKD's protocol, the trained student "
+             f"of the scratch fkl run of the seed, then {args.max_steps // 3} more steps of the method (peak learning "
+             f"rate {args.warm_learning_rate:g}); fkl warm is the off-policy control of those steps. \"train s\": "
+             "seconds of training, two studies sharing the 2 cores.", ""]
     for task in args.tasks:
         teacher_rows = [r for r in results if r["task"] == task and r["method"] == "teacher"]
         teacher_text = (f"; teacher exact match {teacher_rows[0]['exact_match']:.3f}, teacher NLL of its own samples "
@@ -254,7 +265,7 @@ def summarise(results: list[dict], args) -> list[str]:
                 continue
             em = [r["exact_match"] for r in rows]
             nll = [r["teacher_nll"] for r in rows]
-            start = ("warm" if warm else "scratch") if samples(METHODS[method][1]) else "-"
+            start = ("warm" if warm else "scratch") if samples(METHODS[method][1]) or method == "fkl" else "-"
             lines.append(f"| {method} | {start} | {len(rows)} | "
                          f"{statistics.mean(em):.3f} [{min(em):.3f}, {max(em):.3f}] | "
                          f"{statistics.mean(nll):.3f} [{min(nll):.3f}, {max(nll):.3f}] | "
@@ -270,7 +281,7 @@ def command_line(args) -> str:
         if getattr(args, key) != getattr(defaults, key):
             parts.append(f"--{key} " + " ".join(map(str, getattr(args, key))))
     for key in ("max_steps", "batch_size", "train_examples", "reversal_train_examples", "kd_ratio",
-                "held_out_examples", "learning_rate"):
+                "held_out_examples", "learning_rate", "warm_learning_rate"):
         if getattr(args, key) != getattr(defaults, key):
             parts.append(f"--{key} {getattr(args, key)}")
     return " ".join(parts + ["--write"])
@@ -284,6 +295,8 @@ def parse_args(argv):
     parser.add_argument("--max_steps", type=int, default=900)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
+    parser.add_argument("--warm_learning_rate", type=float, default=1e-3,
+                        help="The peak learning rate of the warm runs (fine-tuning the trained fkl student).")
     parser.add_argument("--train_examples", type=int, default=1000)
     parser.add_argument("--reversal_train_examples", type=int, default=4000,
                         help="Training rows of the reversal task (more than addition's: with 1000 strings the "
