@@ -1,8 +1,9 @@
 """Does on-policy distillation work? The study of docs/ON_POLICY.md, on two offline tasks, written by this script.
 
-    OMP_NUM_THREADS=1 python scripts/on_policy_study.py --tasks addition &      # one process per task and core
-    OMP_NUM_THREADS=1 python scripts/on_policy_study.py --tasks reversal; wait
-    python scripts/on_policy_study.py --write      # the table from the runs recorded (WORK_DIR/results.jsonl)
+    OMP_NUM_THREADS=1 python scripts/on_policy_study.py --tasks addition --results WORK_DIR/addition.jsonl &
+    OMP_NUM_THREADS=1 python scripts/on_policy_study.py --tasks reversal --results WORK_DIR/reversal.jsonl; wait
+    cat WORK_DIR/addition.jsonl WORK_DIR/reversal.jsonl > WORK_DIR/results.jsonl
+    python scripts/on_policy_study.py --table_only --write   # the table of the runs recorded, into docs/ON_POLICY.md
 
 Tasks (character-level, the quickstart's tokenizer):
 
@@ -243,11 +244,14 @@ def runs_wanted(args) -> list[tuple[str, str, bool]]:
 
 
 def summarise(results: list[dict], args) -> list[str]:
-    lines = [f"Measured by `{command_line(args)}` ({args.max_steps} steps of {args.batch_size} rows, "
+    lines = [f"Measured by `{command_line(args)}`, one process per task (`--tasks addition` and `--tasks reversal` "
+             f"side by side on the 2 cores), then `--table_only --write` ({args.max_steps} steps of {args.batch_size} rows, "
              f"{args.train_examples} noisy training rows, {args.held_out_examples} held-out rows, seeds "
              f"{', '.join(map(str, args.seeds))}; mean over seeds, [min, max]). Exact match: held-out greedy exact "
              "match (higher is better). Teacher NLL: the teacher's mean negative log-likelihood per token of the "
-             "student's own samples at temperature 1 on the held-out prompts (lower is better). \"scratch\": all the "
+             "student's own samples at temperature 1 on the held-out prompts (lower is better). \"vs fkl\": the "
+             "exact match minus the fkl run's of the same seed and start (scratch: fkl from scratch; warm: fkl's own "
+             "continuation), mean [min, max] over seeds. \"scratch\": all the "
              "steps of the method from the random initialisation. \"warm\": GKD's protocol, the trained student "
              f"of the scratch fkl run of the seed, then {args.max_steps // 3} more steps of the method (peak learning "
              f"rate {args.warm_learning_rate:g}); fkl warm is the off-policy control of those steps. \"train s\": "
@@ -257,17 +261,22 @@ def summarise(results: list[dict], args) -> list[str]:
         teacher_text = (f"; teacher exact match {teacher_rows[0]['exact_match']:.3f}, teacher NLL of its own samples "
                         f"{teacher_rows[0]['teacher_nll']:.3f}") if teacher_rows else ""
         lines += [f"**{task}**{teacher_text}", "",
-                  "| method | start | seeds | exact match | teacher NLL of student samples | train s |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | start | seeds | exact match | vs fkl, same start and seed | teacher NLL of student samples "
+                  "| train s |", "|---|---|---|---|---|---|---|"]
         for _, method, warm in [w for w in runs_wanted(args) if w[0] == task]:
             rows = [r for r in results if r["task"] == task and r["method"] == method and r["warm"] == warm]
             if not rows:
                 continue
             em = [r["exact_match"] for r in rows]
             nll = [r["teacher_nll"] for r in rows]
+            control = {r["seed"]: r["exact_match"] for r in results
+                       if r["task"] == task and r["method"] == "fkl" and r["warm"] == warm}
+            paired = [r["exact_match"] - control[r["seed"]] for r in rows if r["seed"] in control]
+            versus = "-" if method == "fkl" or not paired else (
+                f"{statistics.mean(paired):+.3f} [{min(paired):+.3f}, {max(paired):+.3f}]")
             start = ("warm" if warm else "scratch") if samples(METHODS[method][1]) or method == "fkl" else "-"
             lines.append(f"| {method} | {start} | {len(rows)} | "
-                         f"{statistics.mean(em):.3f} [{min(em):.3f}, {max(em):.3f}] | "
+                         f"{statistics.mean(em):.3f} [{min(em):.3f}, {max(em):.3f}] | {versus} | "
                          f"{statistics.mean(nll):.3f} [{min(nll):.3f}, {max(nll):.3f}] | "
                          f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
         lines.append("")
@@ -284,7 +293,7 @@ def command_line(args) -> str:
                 "held_out_examples", "learning_rate", "warm_learning_rate"):
         if getattr(args, key) != getattr(defaults, key):
             parts.append(f"--{key} {getattr(args, key)}")
-    return " ".join(parts + ["--write"])
+    return " ".join(parts)
 
 
 def parse_args(argv):
@@ -310,6 +319,8 @@ def parse_args(argv):
     parser.add_argument("--results", default=None, help="JSON lines of every run (default: WORK_DIR/results.jsonl); "
                         "runs already there are not rerun.")
     parser.add_argument("--write", action="store_true", help="Write the table into docs/ON_POLICY.md.")
+    parser.add_argument("--table_only", action="store_true",
+                        help="Train nothing: the table of the runs already recorded (with --write, into the doc).")
     return parser.parse_args(argv)
 
 
@@ -322,7 +333,7 @@ def main(argv=None) -> None:
     results = [r for r in results if not r["warm"] or r.get("warm_start") == WARM_START]
     done = {(r["task"], r["method"], r["warm"], r["seed"]) for r in results}
     tokenizer = make_tokenizer()
-    for task in args.tasks:
+    for task in [] if args.table_only else args.tasks:
         teacher = teacher_for(task, tokenizer, args)
         _, held_out, completion_tokens = task_data(task, 0, args)
         if (task, "teacher", False, 0) not in done:
