@@ -173,7 +173,8 @@ def _worker(args) -> None:
     steps = clock.steps()[args.warmup:]
     print(json.dumps({"mode": args.mode, **{key: statistics.median(s[key] for s in steps)
                                             for key in ("total", "generation", "teacher", "student")},
-                      "steps": len(steps), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "steps": len(steps), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "torch_threads": torch.get_num_threads()}))
 
 
 def _run_mode(args, mode: str) -> dict:

@@ -245,8 +245,10 @@ def runs_wanted(args) -> list[tuple[str, str, bool]]:
 
 def summarise(results: list[dict], args) -> list[str]:
     lines = [f"Measured by `{command_line(args)}`, one process per task (`--tasks addition` and `--tasks reversal` "
-             f"side by side on the 2 cores), then `--table_only --write` ({args.max_steps} steps of {args.batch_size} rows, "
-             f"{args.train_examples} noisy training rows, {args.held_out_examples} held-out rows, seeds "
+             f"side by side on the 2 cores), then `--table_only --write` ({args.max_steps} steps of {args.batch_size} "
+             "rows, "
+             f"{args.train_examples} (addition) and {args.reversal_train_examples} (reversal) noisy training rows, "
+             f"{args.held_out_examples} held-out rows, seeds "
              f"{', '.join(map(str, args.seeds))}; mean over seeds, [min, max]). Exact match: held-out greedy exact "
              "match (higher is better). Teacher NLL: the teacher's mean negative log-likelihood per token of the "
              "student's own samples at temperature 1 on the held-out prompts (lower is better). \"vs fkl\": the "
@@ -261,8 +263,8 @@ def summarise(results: list[dict], args) -> list[str]:
         teacher_text = (f"; teacher exact match {teacher_rows[0]['exact_match']:.3f}, teacher NLL of its own samples "
                         f"{teacher_rows[0]['teacher_nll']:.3f}") if teacher_rows else ""
         lines += [f"**{task}**{teacher_text}", "",
-                  "| method | start | seeds | exact match | vs fkl, same start and seed | teacher NLL of student samples "
-                  "| train s |", "|---|---|---|---|---|---|---|"]
+                  "| method | start | seeds | exact match | vs fkl, same start and seed "
+                  "| teacher NLL of student samples | train s |", "|---|---|---|---|---|---|---|"]
         for _, method, warm in [w for w in runs_wanted(args) if w[0] == task]:
             rows = [r for r in results if r["task"] == task and r["method"] == method and r["warm"] == warm]
             if not rows:

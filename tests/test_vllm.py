@@ -34,6 +34,7 @@ LOGPROB_BOUND = 1e-3
 def run_worker(tmp_path, *flags) -> dict:
     out = tmp_path / "records.json"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     result = subprocess.run([sys.executable, os.path.join(HERE, "vllm_worker.py"), str(out), *flags], env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -44,6 +45,8 @@ def check_records(records: dict) -> None:
     # every student micro-batch (3 steps x 2 micro-batches) was sampled by the engine
     assert len(records["gap"]) == 6 and records["on_policy_fraction"] == [1.0, 1.0, 1.0]
     assert records["engine_dtype"] == "torch.float32"
+    # the colocated engine on a CPU leaves the training's OpenMP threads unpinned
+    assert records["thread_bind"] == "nobind"
     # the engine holds the student's weights of each step: its log-probs of its samples are the student's
     assert max(records["gap"]) < LOGPROB_BOUND, records["gap"]
     # ... and not the initial weights, which the run moved away from after its first optimizer step

@@ -106,7 +106,8 @@ def main() -> None:
         weights_changed=all(not torch.equal(before[n], after[n].detach()) for n in before),
         same_seed_same_samples=draws[0] == draws[1], other_seed_other_samples=draws[0] != draws[2],
         on_policy_fraction=[e["on_policy_fraction"] for e in trainer.state.log_history if "on_policy_fraction" in e],
-        engine_dtype=str(sampler.engine.llm.llm_engine.model_config.dtype))
+        engine_dtype=str(sampler.engine.llm.llm_engine.model_config.dtype),
+        thread_bind=os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
     with open(out, "w") as handle:
         json.dump(records, handle)
 
