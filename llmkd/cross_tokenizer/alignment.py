@@ -7,11 +7,11 @@ numpy on the tokenizers' character offsets, once per row (no Python loop over to
 
 A token is left out of every span (span ``-1``) when it covers no character (special and chat-template tokens that
 exist on one side only, whose offsets are ``(0, 0)``) or lies past the other side's text. A span is dropped (its
-tokens get ``-1``) when it holds a side's unknown token, when one side has no token in it, or when the two sides' tokens in it do not cover the same non-whitespace characters (a
-normalisation that changed or dropped characters on one side). Whitespace is left out of that comparison, because
-tokenizers attribute it differently (byte-level BPE with trimmed offsets leaves a token's leading space out of its
-offsets, SentencePiece-style tokenizers keep it). Dropped spans are
-counted (:attr:`TokenAlignment.dropped_spans`), never aligned by guess.
+tokens get ``-1``) when it holds a side's unknown token, when one side has no token in it, or when the two sides'
+tokens in it do not cover the same non-whitespace characters (a normalisation that changed or dropped characters
+on one side). Whitespace is left out of that comparison, because tokenizers attribute it differently (byte-level
+BPE with trimmed offsets leaves a token's leading space out of its offsets, SentencePiece-style tokenizers keep
+it). Dropped spans are counted (:attr:`TokenAlignment.dropped_spans`), never aligned by guess.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ class TokenAlignment:
         student_spans: ``(N_s,)`` int64, the span of each student token, ``-1`` where the token is in no span.
         teacher_spans: ``(N_t,)`` int64, the same for the teacher's tokens.
         num_spans: the number of aligned spans (span ids are ``0 .. num_spans - 1``, in text order).
-        dropped_spans: spans found but dropped (one side had no token in them, or the sides covered different
-            characters).
+        dropped_spans: spans found but dropped (one side had no token or an unknown token in them, or the sides
+            covered different characters).
     """
 
     student_spans: np.ndarray
