@@ -223,6 +223,16 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
             same ``temperature``.
         cache_shard_rows: dataset rows per cache shard (1024).
 
+    Parameters of a teacher with another tokenizer (docs/CROSS_TOKENIZER.md):
+        cross_tokenizer_loss: None (default: the teacher must share the student's tokenizer), or the loss on the
+            spans where the two tokenizations align: ``uld`` (sorted-probability distance), ``hybrid`` (the
+            ``divergence`` on the tokens both vocabularies share, ULD on the rest) or ``span`` (span likelihood
+            matching). The teacher's tokenizer is loaded from the teacher's path (or given as
+            ``teacher_processing_class``); both must be fast tokenizers.
+        cross_tokenizer_top_k: the probabilities per side ULD sorts and compares (64).
+        hybrid_shared_weight / hybrid_rest_weight: the hybrid's weights of its shared and its ULD part (None:
+            GOLD's, the shared fraction of the teacher's vocabulary and its complement).
+
     Parameters that control the loss:
         divergence: ``fkl`` (forward KL, Hinton KD), ``rkl``, ``jsd``, ``skew_fkl``, ``skew_rkl``, ``tvd`` or
             ``abkd`` (ABKD's alpha-beta divergence), or any name added with
@@ -306,6 +316,13 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
     divergence_kwargs: dict | str | None = field(default=None, metadata={
         "help": "The divergence's other hyperparameters, e.g. '{\"ab_alpha\": 0.2, \"ab_beta\": 0.7}' for abkd."})
     kd_ratio: float = field(default=0.5, metadata={"help": "Weight of the divergence; CE gets 1 - kd_ratio."})
+    cross_tokenizer_loss: str | None = field(default=None, metadata={
+        "help": "A teacher with another tokenizer: uld, hybrid or span (docs/CROSS_TOKENIZER.md)."})
+    cross_tokenizer_top_k: int = field(default=64, metadata={"help": "Probabilities per side ULD compares."})
+    hybrid_shared_weight: float | None = field(default=None, metadata={
+        "help": "The hybrid loss's weight of the shared vocabulary (default: its fraction of the teacher's)."})
+    hybrid_rest_weight: float | None = field(default=None, metadata={
+        "help": "The hybrid loss's weight of ULD on the rest (default: 1 - hybrid_shared_weight)."})
     use_chunked_loss: bool = field(default=True, metadata={"help": "Use the chunked engine (default)."})
     loss_chunk_size: int | None = field(
         default=None, metadata={"help": "Tokens per chunk in the chunked engine (default: from the vocabulary)."})
@@ -337,6 +354,11 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
         if shared:
             raise ValueError(f"divergence_kwargs sets {shared}: set jsd_beta (the jsd's beta) or skew_alpha (the skew "
                              "KLs' alpha) instead.")
+        if self.cross_tokenizer_loss is not None and self.cross_tokenizer_loss not in ("uld", "hybrid", "span"):
+            raise ValueError(f"cross_tokenizer_loss must be uld, hybrid, span or None, got "
+                             f"{self.cross_tokenizer_loss!r}.")
+        if self.cross_tokenizer_top_k < 1:
+            raise ValueError(f"cross_tokenizer_top_k must be >= 1, got {self.cross_tokenizer_top_k}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}.")
         self.check_on_policy_fields()

@@ -43,9 +43,10 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
         raise VocabularyMismatchError(
             f"The student and teacher tokenizers differ ({len(student_vocab)} vs {len(teacher_vocab)} tokens; "
             f"{only_student} token-id pairs only in the student's, {only_teacher} only in the teacher's). "
-            "Token-level distillation compares distributions over the same token ids, so both models must "
-            "use the same tokenizer: pick a teacher and student of the same model family (e.g. Qwen2.5-7B -> "
-            "Qwen2.5-0.5B), or distil from teacher-generated text with plain SFT."
+            "Token-level distillation compares distributions over the same token ids. To distil across "
+            "tokenizers, set cross_tokenizer_loss: uld, hybrid or span (the text is aligned between the two "
+            "tokenizations; docs/CROSS_TOKENIZER.md); or pick a teacher and student of the same model family "
+            "(e.g. Qwen2.5-7B -> Qwen2.5-0.5B) for exact token-level distillation."
         )
 
 

@@ -27,6 +27,9 @@ class DistillDataCollator:
         label_pad_token_id: the label of padded positions (ignored by the loss).
         pad_to_multiple_of: round the padded length ``T`` up to a multiple of this (e.g. 8 for tensor cores).
         padding_side: ``"right"`` (training) or ``"left"`` (generation).
+        padded_columns: ``{column: padding value}`` of further columns holding one sequence of ints per row, of
+            any length, padded on ``padding_side`` to the longest in the batch (a cross-tokenizer run's teacher
+            tokens and spans).
 
     Each feature is a dict with ``input_ids`` (``T_i`` ints) and optionally ``attention_mask`` (``T_i``, default all
     ones) and ``labels`` (``T_i``, unshifted; default ``input_ids`` with ``-100`` where ``attention_mask`` is 0).
@@ -42,6 +45,7 @@ class DistillDataCollator:
     label_pad_token_id: int = IGNORE_INDEX
     pad_to_multiple_of: int | None = None
     padding_side: str = "right"
+    padded_columns: dict[str, int] | None = None
 
     def __post_init__(self):
         if self.pad_token_id is None:
@@ -88,6 +92,9 @@ class DistillDataCollator:
             "attention_mask": pad(attention_mask, padding_value=0, **kwargs),
             "labels": pad(labels, padding_value=self.label_pad_token_id, **kwargs),
         }
+        for key, value in (self.padded_columns or {}).items():
+            if key in features[0]:
+                batch[key] = pad([_as_long(f[key], key) for f in features], padding_value=value, **kwargs)
         for key in features[0]:
             if key in batch:
                 continue

@@ -7,6 +7,7 @@ output heads; the MoE load-balancing loss and the preference losses with a teach
 heads (section 4).
 """
 
+from .cross_tokenizer import AlignedTeacher, HybridLoss, SpanLikelihoodLoss, ULDLoss
 from .dense_reference import dense_distillation_loss, dense_loss, distillation_loss_from_logits
 from .engine import DistillationLossOutput, chunked_distillation_loss, chunked_loss
 from .dho import DHOLoss, dho_loss
@@ -33,6 +34,10 @@ from .sinkhorn import SinkhornTerm, sinkhorn_blocks, sinkhorn_loss, sinkhorn_pla
 from .taid import TAIDSchedule, TAIDTokenLoss, taid_loss
 
 __all__ = [
+    "AlignedTeacher",
+    "HybridLoss",
+    "SpanLikelihoodLoss",
+    "ULDLoss",
     "alpha_beta_divergence",
     "DHOLoss",
     "DIVERGENCES",

@@ -88,6 +88,8 @@ def objective_sums(student_logits: torch.Tensor, chunk, labels: torch.Tensor | N
     ``(n, V)`` float32: ``(weighted total, kd sum, ce sum, block sum, target entropy sum)``; the teacher's targets
     come from ``chunk`` (:mod:`.targets`), densified where needed with a tail shaped like the student at each
     loss's temperature."""
+    if getattr(objective.token_loss, "aligned", False):  # a cross-tokenizer loss reads the aligned chunk itself
+        return aligned_objective_sums(student_logits, chunk, labels, objective)
     like = student_logits.detach()
     token_temperature = getattr(objective.token_loss, "temperature", None)
     teacher_logits = chunk.logits(like=like / objective.temperature if objective.temperature != 1.0 else like,
@@ -109,6 +111,26 @@ def objective_sums(student_logits: torch.Tensor, chunk, labels: torch.Tensor | N
         if objective.block_weight != 0.0:
             total = total + objective.block_weight * block_sum
     return total, kd_sum, ce_sum, block_sum, entropy_sum
+
+
+def aligned_objective_sums(student_logits: torch.Tensor, chunk, labels: torch.Tensor | None,
+                           objective: DistillationObjective):
+    """:func:`objective_sums` for a cross-tokenizer token loss (:mod:`.cross_tokenizer`): its sum over the chunk's
+    aligned spans, and the student's cross-entropy on all n tokens (no block loss; the target entropy where the
+    loss reports one: the hybrid's shared part under TAID)."""
+    if labels is None:
+        raise ValueError("Cross-tokenizer losses need the student's target tokens (labels).")
+    zero = student_logits.new_zeros(())
+    entropy_sum = zero
+    if objective.reports_target_entropy:
+        kd_sum, entropy_sum = objective.token_loss.with_target_entropy(student_logits, chunk, labels)
+    else:
+        kd_sum = objective.token_loss(student_logits, chunk, labels)
+    ce_sum = F.cross_entropy(student_logits, labels, reduction="sum", ignore_index=IGNORE_INDEX)
+    total = objective.kd_weight * kd_sum
+    if objective.ce_weight != 0.0:
+        total = total + objective.ce_weight * ce_sum
+    return total, kd_sum, ce_sum, zero, entropy_sum
 
 
 @dataclass(frozen=True)
@@ -331,7 +353,10 @@ def chunked_loss(
     """
     vocab_size = check_engine_inputs(student_hidden, student_head, teacher, labels, vocab_size)
     n_tokens = student_hidden.shape[0]
-    chunks = token_ranges(n_tokens, auto_chunk_size(vocab_size) if chunk_size is None else chunk_size, blocks)
+    chunk_size = auto_chunk_size(vocab_size) if chunk_size is None else chunk_size
+    if blocks is None and hasattr(teacher, "chunk_bounds"):  # targets whose tokens must stay together (spans)
+        blocks = teacher.chunk_bounds(chunk_size)
+    chunks = token_ranges(n_tokens, chunk_size, blocks)
     normalizer = at_least_one(max(n_tokens, 1) if normalizer is None else normalizer, device=student_hidden.device)
     plan = _Plan(objective, teacher, labels, normalizer, chunks, student_head.transform, vocab_size)
     loss, metrics = _ChunkedDistillationFunction.apply(student_hidden, student_head.weight, student_head.bias, plan)

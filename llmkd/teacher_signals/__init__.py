@@ -4,11 +4,14 @@ A teacher signal owns everything that differs between kinds of teachers, so that
 it has (:class:`TeacherSignal` is the interface):
 
 * :class:`OnlineTeacher`: a teacher model run at every step, in any placement (a device, ZeRO-3, FSDP, 4/8-bit);
-* :class:`CachedTeacher`: the teacher's top-k distributions read from an offline cache (``llmkd cache-teacher``).
+* :class:`CachedTeacher`: the teacher's top-k distributions read from an offline cache (``llmkd cache-teacher``);
+* :class:`CrossTokenizerTeacher`: a local teacher model with another tokenizer (aligned spans,
+  docs/CROSS_TOKENIZER.md).
 """
 
 from .base import TeacherSignal
 from .cached import CACHE_ROW, CachedTeacher
+from .cross_tokenizer import CrossTokenizerTeacher
 from .online import OnlineTeacher
 
-__all__ = ["CACHE_ROW", "CachedTeacher", "OnlineTeacher", "TeacherSignal"]
+__all__ = ["CACHE_ROW", "CachedTeacher", "CrossTokenizerTeacher", "OnlineTeacher", "TeacherSignal"]

@@ -42,6 +42,21 @@ class TeacherSignal:
         ``split`` is ``"train"`` or ``"eval"``. Default: unchanged."""
         return dataset
 
+    def padded_columns(self) -> dict[str, int]:
+        """``{column: padding value}``: the variable-length columns :meth:`prepare_dataset` adds, for the collator
+        to pad. Default: none."""
+        return {}
+
+    def objective(self, objective):
+        """The :class:`~llmkd.losses.DistillationObjective` the losses compute with this signal's targets, from the
+        trainer's. Default: unchanged (a teacher with another tokenizer replaces the token loss)."""
+        return objective
+
+    def completions_batch(self, batch: dict) -> dict:
+        """A batch whose completions were just generated (on-policy), with what this signal needs recomputed for
+        them (a teacher with another tokenizer re-tokenizes and re-aligns each row). Default: unchanged."""
+        return batch
+
     def place(self, accelerator, *, is_deepspeed: bool, is_fsdp: bool) -> None:
         """Put the teacher where the run needs it, once the trainer's accelerator exists. Default: nothing."""
 

@@ -47,7 +47,8 @@ from .shared import LlmkdTrainerMixin, scaled_for_data_parallel
 from .guards import TrainingGuardsMixin
 from .on_policy import COMPLETIONS_KEY, OnPolicyMixin, check_completion_room, check_on_policy_setup
 from ..teacher import aligned_vocab_size, check_label_spaces, check_same_tokenizer
-from ..teacher_signals import CachedTeacher, OnlineTeacher
+from ..teacher_signals import CachedTeacher, CrossTokenizerTeacher, OnlineTeacher
+from ..teacher_signals.cross_tokenizer import TEACHER_INPUT_IDS
 from ..teacher_signals.cached import open_teacher_cache
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,10 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
             train_dataset, eval_dataset = load_dataset_splits(args)
         self.task = self._resolve_task(model, args)
         model, processing_class = self._student(model, args, processing_class, self.task)
+        if args.teacher_cache and args.cross_tokenizer_loss:
+            raise ValueError("teacher_cache with cross_tokenizer_loss is not supported yet: a cache holds the "
+                             "teacher's distributions at the student's tokens. Train with the teacher model (drop "
+                             "teacher_cache) for a teacher with another tokenizer.")
         self.teacher_cache = open_teacher_cache(args, teacher_model, self.task)
         check_on_policy_setup(args, task=self.task, teacher_cache=self.teacher_cache,
                               sampled_token_allowed=self.supports_sampled_token_objective)
@@ -117,6 +122,10 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
         if self.teacher_cache is not None:
             self.teacher_signal = CachedTeacher(self.teacher_cache, model, tokenizer)
             self.vocab_size = self.teacher_signal.vocab_size
+        elif args.cross_tokenizer_loss is not None and not self.is_classification:
+            self.teacher_signal = self._cross_tokenizer_teacher(model, teacher_model, tokenizer,
+                                                                teacher_processing_class, args)
+            self.vocab_size = self.teacher_signal.vocab_size
         elif self.is_classification:
             check_same_tokenizer(tokenizer, teacher_processing_class)
             self.num_labels = check_label_spaces(model, teacher_model)
@@ -127,7 +136,7 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
             self.vocab_size = None
         else:
             self.vocab_size = aligned_vocab_size(model, teacher_model, tokenizer, teacher_processing_class)
-        if self.teacher_cache is None:
+        if self.teacher_cache is None and not isinstance(getattr(self, "teacher_signal", None), CrossTokenizerTeacher):
             self.teacher_signal = OnlineTeacher(teacher_model, self.vocab_size)
 
         if peft_config is None and args.use_peft:
@@ -137,8 +146,10 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
 
         train_dataset = self._prepare(train_dataset, tokenizer, args, "train")
         eval_dataset = self._prepare(eval_dataset, tokenizer, args, "eval")
+        # a teacher with another tokenizer checks its own tokenization's lengths (prepare_dataset)
+        length_checked = {"student": model, "teacher": None if args.cross_tokenizer_loss else teacher_model}
         for split, prepared in (("train", train_dataset), ("eval", eval_dataset)):
-            check_sequence_lengths(prepared, args.max_length, {"student": model, "teacher": teacher_model}, split)
+            check_sequence_lengths(prepared, args.max_length, length_checked, split)
         if args.samples_completions:
             check_completion_room(train_dataset, args.max_completion_length, {"student": model,
                                                                               "teacher": teacher_model})
@@ -146,7 +157,8 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
         eval_dataset = self.teacher_signal.prepare_dataset(eval_dataset, tokenizer, "eval")
         if data_collator is None:
             data_collator = (DataCollatorWithPadding(tokenizer) if self.is_classification
-                             else DistillDataCollator(pad_token_id=self._pad_token_id(tokenizer)))
+                             else DistillDataCollator(pad_token_id=self._pad_token_id(tokenizer),
+                                                      padded_columns=self.teacher_signal.padded_columns()))
 
         if not self.is_classification:
             self.student_transform = logit_transform_for(model)
@@ -198,6 +210,32 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
         """The teacher and its tokenizer (:func:`llmkd.loading.load_teacher`)."""
         return load_teacher(teacher, args, teacher_processing_class, task)
 
+    #: the cross-tokenizer losses this trainer's loss can become (docs/CROSS_TOKENIZER.md)
+    cross_tokenizer_losses: tuple[str, ...] = ("uld", "hybrid", "span")
+
+    def _cross_tokenizer_teacher(self, student, teacher, tokenizer, teacher_tokenizer, args: DistillConfig):
+        """The :class:`~llmkd.teacher_signals.CrossTokenizerTeacher` of ``cross_tokenizer_loss``, after checking
+        this run can use it."""
+        name = type(self).__name__
+        if args.cross_tokenizer_loss not in self.cross_tokenizer_losses:
+            allowed = " or ".join(self.cross_tokenizer_losses) or "none"
+            raise ValueError(f"{name} cannot distil across tokenizers with cross_tokenizer_loss="
+                             f"{args.cross_tokenizer_loss!r}: its loss works with {allowed}.")
+        if teacher_tokenizer is None:
+            raise ValueError("Cross-tokenizer distillation needs the teacher's tokenizer: pass "
+                             "teacher_processing_class=, or give the teacher by name/path so it is loaded with it.")
+        if args.seq_kd:
+            raise ValueError("seq_kd samples completions from the teacher in its own tokens, which the student cannot "
+                             "train on directly: with a teacher of another tokenizer use lmbda (student samples, "
+                             "re-tokenized for the teacher) or the dataset's completions.")
+        if args.samples_completions and args.on_policy_objective == "sampled_token":
+            raise ValueError("on_policy_objective='sampled_token' needs the teacher's log-probability of the "
+                             "student's own tokens, which a teacher with another tokenizer does not have: use "
+                             "on_policy_objective='divergence' (the cross-tokenizer loss on the samples).")
+        return CrossTokenizerTeacher(teacher, student, tokenizer, teacher_tokenizer, loss=args.cross_tokenizer_loss,
+                                     top_k=args.cross_tokenizer_top_k, temperature=args.temperature,
+                                     shared_weight=args.hybrid_shared_weight, rest_weight=args.hybrid_rest_weight)
+
     def _lora_config(self, args: DistillConfig):
         return lora_config_from_args(args, "SEQ_CLS" if self.is_classification else "CAUSAL_LM")
 
@@ -234,16 +272,16 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
 
     def _verify_heads(self, model, teacher, dataset) -> None:
         """Check once, on a few real tokens, that the chunked path reproduces both models' logits."""
+        ids = {"student": [0, 1, 2, 3], "teacher": [0, 1, 2, 3]}
         if dataset is not None and len(dataset) > 0:
-            ids = list(dataset[0]["input_ids"])[:8]
-        else:
-            ids = [0, 1, 2, 3]
+            ids["student"] = list(dataset[0]["input_ids"])[:8]
+            ids["teacher"] = list(dataset[0].get(TEACHER_INPUT_IDS, ids["student"]))[:8]
         for role, m in (("student", model), ("teacher", teacher)):
             if m is None or any(hasattr(p, "ds_id") for p in m.parameters()):
                 continue  # already partitioned: cannot run a plain forward here
             device = next(m.parameters()).device
             try:
-                verify_head_reproduction(m, torch.tensor([ids], device=device))
+                verify_head_reproduction(m, torch.tensor([ids[role]], device=device))
             except Exception as error:  # noqa: BLE001 - re-raised with the role
                 raise type(error)(f"[{role}] {error}") from error
 
@@ -298,7 +336,7 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
         block = self.block_loss_fn()
         block_loss, block_weight = block if block is not None else (None, 0.0)
         objective = DistillationObjective(self.token_loss_fn(), *self.loss_weights(), block_loss, block_weight)
-        return self.objective_for_completions(objective)
+        return self.objective_for_completions(self.teacher_signal.objective(objective))
 
     def _language_model_loss(self, model, inputs, num_items_in_batch, record):
         labels = inputs["labels"]

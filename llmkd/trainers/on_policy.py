@@ -199,7 +199,7 @@ class OnPolicyMixin:
         sums["completion_tokens"] += float(rows["completion_length"].sum())
         sums["eos_only"] += float(rows["eos_only"].sum())
         sums["truncated"] += float(rows["truncated"].sum())
-        return {**extra, **{key: rows[key] for key in _TEXT_KEYS}}
+        return self.teacher_signal.completions_batch({**extra, **{key: rows[key] for key in _TEXT_KEYS}})
 
     @property
     def _tokenizer(self):

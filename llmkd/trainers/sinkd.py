@@ -90,6 +90,8 @@ class SinKDTrainer(DistillTrainer):
 
     _tag_names = ["llmkd", "distillation", "sinkd"]
     config_class = SinKDConfig
+    #: the Sinkhorn term transports mass between token positions over one vocabulary
+    cross_tokenizer_losses: tuple[str, ...] = ()
     block_loss_name = "sinkhorn_loss"
 
     def __init__(self, *args, **kwargs):

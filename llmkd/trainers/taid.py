@@ -104,6 +104,8 @@ class TAIDTrainer(DistillTrainer):
     _tag_names = ["llmkd", "distillation", "taid"]
     config_class = TAIDConfig
     supports_sampled_token_objective = False  # TAID's target is p_t, not the teacher
+    #: TAID interpolates over one vocabulary: across tokenizers, on the hybrid loss's shared vocabulary
+    cross_tokenizer_losses = ("hybrid",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

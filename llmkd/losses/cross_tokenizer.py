@@ -1,0 +1,317 @@
+"""Losses between a student and a teacher with different tokenizers, on aligned spans (docs/ALGORITHMS.md
+section 6, docs/CROSS_TOKENIZER.md).
+
+The text of a row splits into *spans* whose boundaries are token boundaries of both tokenizers
+(:mod:`llmkd.cross_tokenizer`); span ``j`` holds student target tokens ``y_1..y_a`` and teacher target tokens
+``u_1..u_b``. Both models predict the span's first token from the same text prefix, so the distributions at the
+span's first row on each side are comparable without a vocabulary map; the later tokens of a span enter through
+the probability each model gives them (GOLD's "observed" merge): the span's student distribution is
+
+    q_j(v) = softmax(z_s[first] / T)(v) * prod_{i > 1} softmax(z_s[i] / T)(y_i)      (an unnormalised (V_s,) vector)
+
+and ``p_j`` the same for the teacher. The losses (each a sum over spans, with gradient to the student's logits):
+
+* :class:`ULDLoss` (Boizard et al. 2024): ``sum_r |sort(q_j)[r] - sort(p_j)[r]|`` over the ``top_k`` largest
+  entries of each side (sorted decreasingly; the shorter side padded with zeros): the Wasserstein-1 distance of
+  ULD, truncated to the top-k so that no sort over a whole vocabulary is needed.
+* :class:`HybridLoss` (TRL's GOLD): on 1:1 spans, ``w_shared * D(z_s[shared_s], z_t[shared_t])`` (any token loss
+  ``D``, e.g. an llmkd :class:`~llmkd.losses.Divergence`, on the logits restricted to the tokens both vocabularies
+  share, i.e. the shared part renormalised) plus ``w_rest * ULD`` of the probabilities of the tokens outside the
+  shared vocabulary; on the other spans, ULD. Default weights as GOLD's: ``w_shared = |shared| / V_t``,
+  ``w_rest = 1 - w_shared``.
+* :class:`SpanLikelihoodLoss` (ALM, Minixhofer et al. 2025): the log-probability of the span's tokens on each side,
+  ``log P_s(j) = sum_i log softmax(z_s[i] / T)(y_i)`` and ``log P_t(j)``, compared by the binary KL between
+  Bernoulli(``P_t(j)``) and Bernoulli(``P_s(j)``). It needs no vocabulary at all.
+
+The engine (:func:`~llmkd.losses.chunked_loss`) runs them chunk by chunk like any token loss: the targets object
+:class:`AlignedTeacher` cuts the N student rows into chunks that never split a span and gives each chunk its
+teacher rows (:class:`AlignedChunk`); the loss of a chunk is computed from the chunk's ``(n_s, V_s)`` student logits
+and ``(n_t, V_t)`` teacher logits, and the engine's normaliser (the step's student token count) divides the sum.
+Student tokens outside every span get the cross-entropy only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..constants import IGNORE_INDEX
+from .targets import _check_same_tokens
+
+#: binary KL clamps span probabilities to [0, 1 - SPAN_EPSILON] on the student's side (log(1 - P) stays finite)
+SPAN_EPSILON = 1e-6
+
+
+class AlignedTeacher:
+    """The teacher targets of a cross-tokenizer batch, for the chunked engine and its dense reference.
+
+    Args:
+        teacher: the teacher's targets of its own ``N_t`` rows in its own vocabulary (a
+            :class:`~llmkd.losses.ProjectedTeacher` or :class:`~llmkd.losses.DenseTargets`).
+        student_spans: ``(N,)`` long, the global span of each of the student's N valid tokens (``-1``: in no span);
+            non-negative entries non-decreasing (spans numbered in row-major text order).
+        teacher_spans: ``(N_t,)`` long, the span of each teacher row (all ``>= 0``, non-decreasing).
+        teacher_labels: ``(N_t,)`` long, the teacher's target token at each of its rows.
+        teacher_vocab_size: the teacher's vocabulary (its head is cut to it).
+        shared: ``(student_ids (S,), teacher_ids (S,))`` long, the tokens both vocabularies share (the hybrid loss),
+            or None.
+    """
+
+    def __init__(self, teacher, student_spans: torch.Tensor, teacher_spans: torch.Tensor,
+                 teacher_labels: torch.Tensor, teacher_vocab_size: int, shared=None):
+        self.teacher = teacher
+        self.student_spans = student_spans.long()
+        self.teacher_spans = teacher_spans.long()
+        self.teacher_labels = teacher_labels.long()
+        self.teacher_vocab_size = int(teacher_vocab_size)
+        self.shared = shared
+        _check_same_tokens(self.teacher_spans.shape[0], teacher.num_tokens, "the teacher's span list")
+        if self.teacher_labels.shape != self.teacher_spans.shape:
+            raise ValueError(f"teacher_labels {tuple(self.teacher_labels.shape)} and teacher_spans "
+                             f"{tuple(self.teacher_spans.shape)} must both be (N_t,).")
+        if (self.teacher_spans < 0).any() or (self.teacher_spans.diff() < 0).any():
+            raise ValueError("teacher_spans must be non-negative and non-decreasing (the teacher rows of trained "
+                             "spans, in text order).")
+        inside = self.student_spans[self.student_spans >= 0]
+        if (inside.diff() < 0).any():
+            raise ValueError("student_spans must be non-decreasing where non-negative (spans in text order).")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.student_spans.shape[0]
+
+    def default_vocab_size(self, student_rows: int) -> int:
+        return student_rows
+
+    def check(self, num_tokens: int, student_rows: int, vocab_size: int) -> None:
+        _check_same_tokens(num_tokens, self.num_tokens, "the span list")
+        if vocab_size > student_rows:
+            raise ValueError(f"vocab_size={vocab_size} exceeds the student head's {student_rows} rows.")
+
+    def chunk_bounds(self, chunk_size: int) -> list[tuple[int, int]]:
+        """Chunks of about ``chunk_size`` student rows, each cut where no span continues across the cut (a span
+        longer than ``chunk_size`` is one chunk)."""
+        n = self.num_tokens
+        if n == 0:
+            return []
+        spans = self.student_spans
+        # a cut before row i is allowed unless rows i-1 and i are in the same span
+        same = (spans[1:] == spans[:-1]) & (spans[1:] >= 0)
+        allowed = torch.cat([torch.nonzero(~same).flatten() + 1, torch.tensor([n], device=spans.device)]).tolist()
+        bounds, start, index = [], 0, 0
+        while start < n:
+            target = start + max(int(chunk_size), 1)
+            while index + 1 < len(allowed) and allowed[index + 1] <= target:
+                index += 1
+            end = allowed[index] if allowed[index] > start else allowed[index + 1]
+            while allowed[index] < end:
+                index += 1
+            bounds.append((start, end))
+            start = end
+        return bounds
+
+    def chunk(self, start: int, end: int, vocab_size: int, workspace=None) -> "AlignedChunk":
+        spans = self.student_spans[start:end]
+        inside = spans[spans >= 0]
+        if len(inside) == 0:
+            first = last = 0
+            teacher_start = teacher_end = 0
+        else:
+            first, last = int(inside[0]), int(inside[-1])
+            teacher_start = int(torch.searchsorted(self.teacher_spans, first, right=False))
+            teacher_end = int(torch.searchsorted(self.teacher_spans, last, right=True))
+        if teacher_end > teacher_start:
+            with torch.no_grad():
+                logits = self.teacher.chunk(teacher_start, teacher_end, self.teacher_vocab_size).logits().float()
+        else:
+            logits = torch.zeros(0, self.teacher_vocab_size, device=spans.device)
+        return AlignedChunk(
+            student_spans=torch.where(spans >= 0, spans - first, spans),
+            teacher_spans=self.teacher_spans[teacher_start:teacher_end] - first,
+            num_spans=last - first + 1 if len(inside) else 0,
+            teacher_logits=logits, teacher_labels=self.teacher_labels[teacher_start:teacher_end], shared=self.shared)
+
+
+class AlignedChunk:
+    """One chunk: the student rows' span ids ``(n_s,)`` and the teacher's ``(n_t, V_t)`` logits of the same spans
+    (span ids ``0..num_spans-1`` local to the chunk)."""
+
+    def __init__(self, student_spans, teacher_spans, num_spans, teacher_logits, teacher_labels, shared):
+        self.student_spans, self.teacher_spans, self.num_spans = student_spans, teacher_spans, int(num_spans)
+        self.teacher_logits, self.teacher_labels, self.shared = teacher_logits, teacher_labels, shared
+
+    def logits(self, like=None, temperature=None) -> torch.Tensor:
+        raise TypeError("A cross-tokenizer teacher's logits are over another vocabulary: only the cross-tokenizer "
+                        "losses (ULDLoss, HybridLoss, SpanLikelihoodLoss) take them.")
+
+    def cross_entropy_sum(self, labels=None) -> torch.Tensor:
+        """The teacher's cross-entropy on its own target tokens in the chunk's spans, summed."""
+        if self.teacher_logits.shape[0] == 0:
+            return self.teacher_logits.new_zeros(())
+        return F.cross_entropy(self.teacher_logits, self.teacher_labels, reduction="sum", ignore_index=IGNORE_INDEX)
+
+
+def span_structure(spans: torch.Tensor, num_spans: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first_row (m,), tokens (m,))``: the first row of each span and its number of rows (``spans`` ``(n,)``,
+    ``-1`` = no span)."""
+    inside = spans >= 0
+    rows = torch.arange(spans.shape[0], device=spans.device)
+    first = torch.full((num_spans,), spans.shape[0], dtype=torch.long, device=spans.device)
+    first.scatter_reduce_(0, spans[inside], rows[inside], reduce="amin")
+    return first, torch.bincount(spans[inside], minlength=num_spans)
+
+
+def span_log_probs(log_probs: torch.Tensor, spans: torch.Tensor, labels: torch.Tensor, num_spans: int):
+    """``(log P(span) (m,), log-prob of each span's first token (m,), first rows (m,), tokens (m,))`` from one side's
+    ``(n, V)`` log-probabilities and target tokens ``labels`` ``(n,)``."""
+    first, tokens = span_structure(spans, num_spans)
+    inside = spans >= 0
+    token = log_probs.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)  # (n,)
+    total = torch.zeros(num_spans, dtype=log_probs.dtype, device=log_probs.device)
+    total = total.index_add(0, spans[inside], token[inside])
+    return total, token[first], first, tokens
+
+
+def merged_span_log_distribution(log_probs, spans, labels, num_spans) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log q (m, V), tokens (m,))``: each span's first-row distribution scaled by the probability of its later
+    tokens (the module docstring's ``q_j``), in log space."""
+    total, first_token, first, tokens = span_log_probs(log_probs, spans, labels, num_spans)
+    return log_probs[first] + (total - first_token)[:, None], tokens
+
+
+def sorted_top_k_distance(log_q: torch.Tensor, log_p: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``(m,)``: ``sum_r |sort(exp log_q)[r] - sort(exp log_p)[r]|`` over the ``top_k`` largest entries of each side
+    (``(m, V_s)`` and ``(m, V_t)``; a side with fewer than ``top_k`` entries is padded with zeros)."""
+    def top(log_values):
+        k = min(int(top_k), log_values.shape[-1])
+        values = log_values.topk(k, dim=-1).values.exp()
+        return F.pad(values, (0, int(top_k) - k))
+
+    return (top(log_q) - top(log_p)).abs().sum(-1)
+
+
+class _AlignedLoss:
+    """Shared by the cross-tokenizer losses: called by the engine as ``loss(student_logits (n_s, V_s), chunk,
+    labels (n_s,)) -> ()`` (the sum over the chunk's spans, with gradient)."""
+
+    aligned = True
+
+    def __init__(self, temperature: float = 1.0):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        self.temperature = float(temperature)
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(logits.float() / self.temperature, dim=-1)
+
+
+class ULDLoss(_AlignedLoss):
+    """ULD on aligned spans (module docstring), truncated to the ``top_k`` largest probabilities of each side."""
+
+    def __init__(self, top_k: int = 64, temperature: float = 1.0):
+        super().__init__(temperature)
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}.")
+        self.top_k = int(top_k)
+
+    def __call__(self, student_logits: torch.Tensor, chunk: AlignedChunk, labels: torch.Tensor) -> torch.Tensor:
+        if chunk.num_spans == 0:
+            return student_logits.sum() * 0.0
+        log_q, _ = merged_span_log_distribution(self.log_probs(student_logits), chunk.student_spans, labels,
+                                                chunk.num_spans)
+        log_p, _ = merged_span_log_distribution(self.log_probs(chunk.teacher_logits), chunk.teacher_spans,
+                                                chunk.teacher_labels, chunk.num_spans)
+        return sorted_top_k_distance(log_q, log_p, self.top_k).sum()
+
+
+class HybridLoss(_AlignedLoss):
+    """GOLD's hybrid (module docstring): ``shared_loss`` on the shared vocabulary of 1:1 spans, ULD elsewhere.
+
+    Args:
+        shared_loss: a token loss ``(student_logits (n, S), teacher_logits (n, S)) -> (n,)`` (an llmkd
+            :class:`~llmkd.losses.Divergence`, or TAID's interpolated KL) on the shared vocabulary's logits.
+        top_k / temperature: ULD's (the temperature of the unshared probabilities and of the other spans).
+        shared_weight: the weight of the shared part (None: GOLD's ``|shared| / V_t``); ``rest_weight`` that of
+            the unshared part (None: ``1 - shared_weight``).
+    """
+
+    def __init__(self, shared_loss, top_k: int = 64, temperature: float = 1.0, shared_weight: float | None = None,
+                 rest_weight: float | None = None):
+        super().__init__(temperature)
+        self.shared_loss, self.top_k = shared_loss, int(top_k)
+        self.shared_weight, self.rest_weight = shared_weight, rest_weight
+        if callable(getattr(shared_loss, "with_target_entropy", None)):  # TAID: its schedule watches H(p_t)
+            self.with_target_entropy = self._with_target_entropy
+
+    def weights(self, num_shared: int, teacher_vocab_size: int) -> tuple[float, float]:
+        shared = num_shared / max(teacher_vocab_size, 1) if self.shared_weight is None else self.shared_weight
+        rest = 1.0 - shared if self.rest_weight is None else self.rest_weight
+        return float(shared), float(rest)
+
+    def __call__(self, student_logits: torch.Tensor, chunk: AlignedChunk, labels: torch.Tensor) -> torch.Tensor:
+        return self._sums(student_logits, chunk, labels, with_entropy=False)[0]
+
+    def _with_target_entropy(self, student_logits, chunk, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss sum, sum of the shared loss's target entropy over the 1:1 spans)`` (a shared loss that reports
+        it, such as TAID's; see :meth:`~llmkd.losses.TAIDTokenLoss.with_target_entropy`)."""
+        return self._sums(student_logits, chunk, labels, with_entropy=True)
+
+    def _sums(self, student_logits, chunk, labels, *, with_entropy: bool):
+        entropy = student_logits.new_zeros((), dtype=torch.float32)
+        if chunk.num_spans == 0:
+            return student_logits.sum() * 0.0, entropy
+        if chunk.shared is None:
+            raise ValueError("HybridLoss needs the shared vocabulary (AlignedTeacher(shared=...)).")
+        shared_student, shared_teacher = chunk.shared
+        log_q_all = self.log_probs(student_logits)
+        log_p_all = self.log_probs(chunk.teacher_logits)
+        log_q, student_tokens = merged_span_log_distribution(log_q_all, chunk.student_spans, labels, chunk.num_spans)
+        log_p, teacher_tokens = merged_span_log_distribution(log_p_all, chunk.teacher_spans, chunk.teacher_labels,
+                                                             chunk.num_spans)
+        one_to_one = (student_tokens == 1) & (teacher_tokens == 1)
+        uld = sorted_top_k_distance(log_q, log_p, self.top_k)
+        total = uld[~one_to_one].sum()
+        if one_to_one.any():
+            student_rows = span_structure(chunk.student_spans, chunk.num_spans)[0][one_to_one]
+            teacher_rows = span_structure(chunk.teacher_spans, chunk.num_spans)[0][one_to_one]
+            z_s, z_t = student_logits[student_rows].float(), chunk.teacher_logits[teacher_rows]
+            if with_entropy:
+                per_token, target_entropy = self.shared_loss.with_target_entropy(z_s[:, shared_student],
+                                                                                 z_t[:, shared_teacher])
+                shared_part, entropy = per_token.sum(), target_entropy.detach().sum()
+            else:
+                shared_part = self.shared_loss(z_s[:, shared_student], z_t[:, shared_teacher]).sum()
+            rest_q = log_q[one_to_one].index_fill(1, shared_student, float("-inf"))
+            rest_p = log_p[one_to_one].index_fill(1, shared_teacher, float("-inf"))
+            rest = sorted_top_k_distance(rest_q, rest_p, self.top_k).sum()
+            shared_weight, rest_weight = self.weights(shared_student.shape[0], chunk.teacher_logits.shape[1])
+            total = total + shared_weight * shared_part + rest_weight * rest
+        return total, entropy
+
+
+class SpanLikelihoodLoss(_AlignedLoss):
+    """ALM's span likelihood matching (module docstring): the binary KL between Bernoulli(``P_t(span)``) and
+    Bernoulli(``P_s(span)``), summed over spans; the student's span probability is clamped to
+    ``1 - SPAN_EPSILON``."""
+
+    def __call__(self, student_logits: torch.Tensor, chunk: AlignedChunk, labels: torch.Tensor) -> torch.Tensor:
+        if chunk.num_spans == 0:
+            return student_logits.sum() * 0.0
+        log_q = span_log_probs(self.log_probs(student_logits), chunk.student_spans, labels, chunk.num_spans)[0]
+        log_p = span_log_probs(self.log_probs(chunk.teacher_logits), chunk.teacher_spans, chunk.teacher_labels,
+                               chunk.num_spans)[0]
+        return binary_kl(log_p, log_q).sum()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, stable at both ends."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def binary_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``KL(Bernoulli(p) || Bernoulli(q))`` elementwise from ``log p`` and ``log q`` (``q`` clamped to
+    ``1 - SPAN_EPSILON``; ``p`` to the same so that ``p = 1`` contributes its limit 0 for the second term)."""
+    ceiling = torch.log1p(torch.tensor(-SPAN_EPSILON, dtype=log_q.dtype, device=log_q.device))
+    log_q, log_p = torch.minimum(log_q, ceiling), torch.minimum(log_p, ceiling)
+    p = log_p.exp()
+    return p * (log_p - log_q) + (1 - p) * (log1mexp(log_p) - log1mexp(log_q))
