@@ -23,7 +23,11 @@ weights, seeded), the same token rows and the same settings (AdamW, no gradient 
   ``SinKDTrainer`` (LM, batch mode, blocks of 512 tokens) with the Sinkhorn cost on the teacher's top-64 tokens of
   each block plus a tail bucket (``sinkhorn_top_k: 64``); ``sinkd_full``: the same with the exact
   full-vocabulary cost (``n x n x V`` work per block); ``cache``: ``DistillTrainer`` from a top-64 teacher cache
-  written first (the writing is not timed).
+  written first (the writing is not timed); ``cross_uld`` / ``cross_hybrid`` / ``cross_span``: ``DistillTrainer``
+  with a teacher of another tokenizer (``cross_tokenizer_loss``, docs/CROSS_TOKENIZER.md) on the same text: the
+  teacher's tokenizer has the same words under shuffled ids, so every token is a 1:1 span and every word is in the
+  shared vocabulary, the most work per token these losses do (both full vocabularies at every position; the
+  hybrid's divergence on all of them). The alignment is computed in dataset preparation, not timed.
 
 Reported per mode: the median seconds per step over ``--steps`` steps after ``--warmup`` warm-up steps, the peak
 resident memory of the process (``ru_maxrss``), the resident memory once models and data are built (before the
@@ -49,7 +53,8 @@ CONFIGS = {
     "anchor": dict(vocab=64000, batch=4, seq=512),
     "qwen": dict(vocab=152000, batch=4, seq=1024),
 }
-MODES = ("floor", "gkd", "kd", "taid", "sinkd", "sinkd_full", "cache")
+MODES = ("floor", "gkd", "kd", "taid", "sinkd", "sinkd_full", "cache", "cross_uld", "cross_hybrid", "cross_span")
+CROSS_MODES = ("cross_uld", "cross_hybrid", "cross_span")
 DEFAULT_MODES = ("floor", "gkd", "kd", "taid", "sinkd", "cache")
 SWEEP_SEQS = (256, 512, 1024, 2048)
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
@@ -67,6 +72,21 @@ def _tokenizer(vocab: int):
     fast.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
                           "{% if add_generation_prompt %} {% endif %}")
     return fast
+
+
+def _teacher_tokenizer(vocab: int):
+    """The student tokenizer's words under shuffled ids (the same specials): another tokenizer of the same text."""
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    ids = list(range(3, vocab))
+    random.Random(0).shuffle(ids)
+    words = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{f"t{i}": j for i, j in zip(range(3, vocab), ids)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
 
 
 def _models(vocab: int, seq: int):
@@ -216,6 +236,11 @@ def _llmkd(args, mode, student, teacher, rows, tokenizer, output_dir, profiler) 
         config = DistillConfig(**common, teacher_cache=cache_dir)
         trainer = DistillTrainer(model=student, args=config, train_dataset=data, processing_class=tokenizer,
                                  callbacks=[timer.callback()])
+    elif mode in CROSS_MODES:
+        config = DistillConfig(**common, cross_tokenizer_loss=mode.split("_", 1)[1])
+        trainer = DistillTrainer(model=student, teacher_model=teacher, args=config, train_dataset=data,
+                                 processing_class=tokenizer, teacher_processing_class=_teacher_tokenizer(args.vocab),
+                                 callbacks=[timer.callback()])
     else:
         config_class, trainer_class, extra = {
             "kd": (DistillConfig, DistillTrainer, {}), "taid": (TAIDConfig, TAIDTrainer, {}),
@@ -294,6 +319,9 @@ MODE_NAMES = {
     "sinkd": "SinKDTrainer (LM, batch mode, cost on top-64 + tail)",
     "sinkd_full": "SinKDTrainer (LM, batch mode, full-vocabulary cost)",
     "cache": "DistillTrainer from a top-64 cache",
+    "cross_uld": "DistillTrainer, teacher with another tokenizer, ULD (top-64)",
+    "cross_hybrid": "DistillTrainer, teacher with another tokenizer, hybrid (forward KL + ULD)",
+    "cross_span": "DistillTrainer, teacher with another tokenizer, span likelihood",
 }
 
 
@@ -376,6 +404,8 @@ def _command(args) -> str:
             parts.append(f"--{key} {args.overrides[key]}")
     if args.profile:
         parts.append("--profile")
+    if args.section:
+        parts.append(f"--section {args.section}")
     return " ".join(p for p in parts if p) + " --write"
 
 
@@ -412,6 +442,8 @@ def main() -> None:
     parser.add_argument("--memory_limit_gb", type=float, default=20.0,
                         help="address-space limit of each mode's process (0: none); a mode that needs more is "
                              "reported as out of memory")
+    parser.add_argument("--section", default=None,
+                        help="the BENCHMARKS.md section written (default: the configuration's, -sweep for a sweep)")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     for key in ("vocab", "batch", "seq"):
         parser.add_argument(f"--{key}", type=int, default=None, help=f"override the configuration's {key}")
@@ -431,11 +463,11 @@ def main() -> None:
     if args.sweep:
         results = {seq: {mode: _run_mode(args, mode, seq) for mode in args.modes} for seq in args.seqs}
         lines = _sweep_table(args, results)
-        section = f"{args.config}-sweep"
+        section = args.section or f"{args.config}-sweep"
     else:
         results = {mode: _run_mode(args, mode, args.seq) for mode in args.modes}
         lines = _step_table(args, results)
-        section = args.config
+        section = args.section or args.config
     print("\n".join(lines))
     if args.write:
         write_section(args.benchmarks, section, [f"`{_command(args)}`", "", f"Machine: {_machine()}.", "", *lines])

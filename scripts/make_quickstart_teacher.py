@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmkd.quickstart.evaluate import completion_perplexity, exact_match
-from llmkd.quickstart.task import PROMPT_LENGTH, make_split, make_tokenizer
+from llmkd.quickstart.task import make_split, make_tokenizer
 
 ASSETS = os.path.join(os.path.dirname(__file__), os.pardir, "llmkd", "assets", "quickstart")
 
@@ -42,40 +42,25 @@ def student_config(tokenizer) -> LlamaConfig:
 
 
 def tensorize(rows, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels), both (N, T), right-padded; labels are -100 on the prompt and the padding."""
+    """(input_ids, labels), both (N, T), right-padded; labels are -100 on the prompt and the padding. The prompt is
+    each prompt's own token count (8 for the character-level tokenizer; another tokenizer's tokens end at ``=`` too,
+    scripts/cross_tokenizer_study.py)."""
     texts = [row["prompt"] + row["completion"] + tokenizer.eos_token for row in rows]
     encoded = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
     input_ids = encoded["input_ids"]
     labels = input_ids.masked_fill(encoded["attention_mask"] == 0, -100)
-    labels[:, :PROMPT_LENGTH] = -100
+    prompt_tokens = [len(ids) for ids in tokenizer([row["prompt"] for row in rows])["input_ids"]]
+    positions = torch.arange(input_ids.shape[1])[None, :]
+    labels[positions < torch.tensor(prompt_tokens)[:, None]] = -100
     return input_ids, labels
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default=ASSETS, help="Where teacher/ and student/ are written.")
-    parser.add_argument("--train_examples", type=int, default=400_000)
-    parser.add_argument("--label_noise", type=float, default=0.3, help="Fraction of rows with a wrong digit.")
-    parser.add_argument("--held_out_examples", type=int, default=2_000)
-    parser.add_argument("--steps", type=int, default=2_000)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--eval_every", type=int, default=250)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-
-    tokenizer = make_tokenizer()
-    train_rows = make_split("train", args.train_examples, seed=args.seed, label_noise=args.label_noise)
-    held_out = make_split("held_out", args.held_out_examples, seed=args.seed)
+def train_teacher(tokenizer, train_rows, held_out, args) -> LlamaForCausalLM:
+    """The teacher trained from scratch on ``train_rows`` with cross-entropy on the completions (``args``: steps,
+    batch_size, learning_rate, hidden, layers, eval_every, seed, as this script's options); progress printed, held-out
+    exact match every ``eval_every`` steps (the character-level tokenizer only)."""
     input_ids, labels = tensorize(train_rows, tokenizer)
-    print(f"{len(train_rows)} training rows ({args.label_noise:.0%} with a wrong digit), {len(held_out)} held-out "
-          f"rows, sequences of {input_ids.shape[1]} tokens")
-
+    print(f"{len(train_rows)} training rows, {len(held_out)} held-out rows, sequences of {input_ids.shape[1]} tokens")
     model = LlamaForCausalLM(llama_config(tokenizer, args.hidden, args.layers, heads=4))
     print(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
@@ -105,10 +90,36 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0:
             print(f"step {step}/{args.steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)", flush=True)
-        if step % args.eval_every == 0 or step == args.steps:
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             accuracy = exact_match(model, tokenizer, held_out[:500])
             print(f"step {step}: held-out exact match (500 rows) {accuracy:.3f}", flush=True)
 
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default=ASSETS, help="Where teacher/ and student/ are written.")
+    parser.add_argument("--train_examples", type=int, default=400_000)
+    parser.add_argument("--label_noise", type=float, default=0.3, help="Fraction of rows with a wrong digit.")
+    parser.add_argument("--held_out_examples", type=int, default=2_000)
+    parser.add_argument("--steps", type=int, default=2_000)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--learning_rate", type=float, default=3e-3)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--eval_every", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    tokenizer = make_tokenizer()
+    train_rows = make_split("train", args.train_examples, seed=args.seed, label_noise=args.label_noise)
+    held_out = make_split("held_out", args.held_out_examples, seed=args.seed)
+    start = time.time()
+    model = train_teacher(tokenizer, train_rows, held_out, args)
     accuracy = exact_match(model, tokenizer, held_out)
     perplexity = completion_perplexity(model, tokenizer, held_out)
     print(f"teacher held-out exact match {accuracy:.4f}, completion perplexity {perplexity:.4f} "

@@ -47,7 +47,7 @@ from llmkd.heads import unwrap_model
 
 MAX_STEPS, SAVE_STEPS, KILL_AT = 8, 4, 4
 RUNS = ("whole", "killed", "resumed")
-CASES = ("kd", "on_policy", "taid", "sinkd", "moe_mimic", "preference", "dho")
+CASES = ("kd", "on_policy", "cross_tokenizer", "taid", "sinkd", "moe_mimic", "preference", "dho")
 # 24 rows, 4 per step: checkpoint-4 falls inside the first epoch (the resumed run must skip 4 batches of a
 # shuffled epoch) and steps 7-8 are in the second epoch (a new shuffle).
 ROWS, BATCH = 24, 4
@@ -86,6 +86,18 @@ def build(case: str, output_dir: str):
                                learning_rate=1e-2, divergence="rkl", kd_ratio=0.5, loss_chunk_size=16, lmbda=0.5,
                                seq_kd=True, on_policy_objective="sampled_token", max_completion_length=6)
         return DistillTrainer(args=config, **lm), no_state
+    if case == "cross_tokenizer":
+        # a teacher with a SentencePiece-style tokenizer, the hybrid loss, half the micro-batches sampled by the
+        # student (re-aligned for the teacher as they are drawn)
+        from test_cross_tokenizer_trainer import ALPHABET
+        from test_cross_tokenizer import metaspace_tokenizer
+
+        teacher_tokenizer = metaspace_tokenizer(120, alphabet_from=ALPHABET)
+        config = DistillConfig(**{**args, "per_device_train_batch_size": 2}, gradient_accumulation_steps=2,
+                               learning_rate=1e-2, cross_tokenizer_loss="hybrid", kd_ratio=0.5, loss_chunk_size=16,
+                               lmbda=0.5, max_completion_length=6)
+        return DistillTrainer(args=config, **{**lm, "teacher_model": tiny_llama(len(teacher_tokenizer), 48, seed=2)},
+                              teacher_processing_class=teacher_tokenizer), no_state
     if case == "taid":
         # 2 micro-batches per step: the schedule's step sums span them
         config = TAIDConfig(**{**args, "per_device_train_batch_size": 2}, gradient_accumulation_steps=2,

@@ -161,33 +161,44 @@ def span_structure(spans: torch.Tensor, num_spans: int) -> tuple[torch.Tensor, t
     return first, torch.bincount(spans[inside], minlength=num_spans)
 
 
-def span_log_probs(log_probs: torch.Tensor, spans: torch.Tensor, labels: torch.Tensor, num_spans: int):
-    """``(log P(span) (m,), log-prob of each span's first token (m,), first rows (m,), tokens (m,))`` from one side's
-    ``(n, V)`` log-probabilities and target tokens ``labels`` ``(n,)``."""
-    first, tokens = span_structure(spans, num_spans)
-    inside = spans >= 0
-    token = log_probs.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)  # (n,)
-    total = torch.zeros(num_spans, dtype=log_probs.dtype, device=log_probs.device)
-    total = total.index_add(0, spans[inside], token[inside])
-    return total, token[first], first, tokens
+class SpanSide:
+    """One side's view of a chunk's spans: ``log_probs`` ``(n, V)`` at the loss's temperature, the target tokens
+    ``labels`` ``(n,)`` and the span of each row ``spans`` ``(n,)`` (``-1``: none), with per span (``(m,)`` each):
+    ``log_likelihood`` (the sum of its tokens' log-probabilities), ``first`` (its first row), ``tokens`` (its row
+    count) and ``log_scale`` (the log-probability of its tokens after the first: the merge of the module
+    docstring)."""
+
+    def __init__(self, log_probs: torch.Tensor, spans: torch.Tensor, labels: torch.Tensor, num_spans: int):
+        self.log_probs = log_probs
+        self.first, self.tokens = span_structure(spans, num_spans)
+        inside = spans >= 0
+        token = log_probs.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)  # (n,)
+        total = torch.zeros(num_spans, dtype=log_probs.dtype, device=log_probs.device)
+        self.log_likelihood = total.index_add(0, spans[inside], token[inside])
+        self.log_scale = self.log_likelihood - token[self.first]
+
+    def merged_top_k(self, spans: torch.Tensor, top_k: int) -> torch.Tensor:
+        """``(len(spans), top_k)``: the ``top_k`` largest probabilities of each merged span distribution ``q_j``
+        (decreasing; zero-padded past the vocabulary). Scaling a row by a constant keeps its order, so the top-k
+        of the first row's log-probabilities is taken and shifted: no ``(m, V)`` copy is made."""
+        rows = self.first[spans]
+        k = min(int(top_k), self.log_probs.shape[-1])
+        values = self.log_probs[rows].topk(k, dim=-1).values if len(rows) < self.log_probs.shape[0] else \
+            self.log_probs.topk(k, dim=-1).values[rows]
+        return F.pad((values + self.log_scale[spans, None]).exp(), (0, int(top_k) - k))
+
+    def rest_top_k(self, spans: torch.Tensor, excluded: torch.Tensor, top_k: int) -> torch.Tensor:
+        """``(len(spans), top_k)``: the largest probabilities of the spans' first rows outside the token ids
+        ``excluded`` (the hybrid's unshared part of 1:1 spans), zero-padded."""
+        rest = self.log_probs[self.first[spans]].index_fill(1, excluded, float("-inf"))
+        k = min(int(top_k), rest.shape[-1])
+        return F.pad(rest.topk(k, dim=-1).values.exp(), (0, int(top_k) - k))
 
 
-def merged_span_log_distribution(log_probs, spans, labels, num_spans) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log q (m, V), tokens (m,))``: each span's first-row distribution scaled by the probability of its later
-    tokens (the module docstring's ``q_j``), in log space."""
-    total, first_token, first, tokens = span_log_probs(log_probs, spans, labels, num_spans)
-    return log_probs[first] + (total - first_token)[:, None], tokens
-
-
-def sorted_top_k_distance(log_q: torch.Tensor, log_p: torch.Tensor, top_k: int) -> torch.Tensor:
-    """``(m,)``: ``sum_r |sort(exp log_q)[r] - sort(exp log_p)[r]|`` over the ``top_k`` largest entries of each side
-    (``(m, V_s)`` and ``(m, V_t)``; a side with fewer than ``top_k`` entries is padded with zeros)."""
-    def top(log_values):
-        k = min(int(top_k), log_values.shape[-1])
-        values = log_values.topk(k, dim=-1).values.exp()
-        return F.pad(values, (0, int(top_k) - k))
-
-    return (top(log_q) - top(log_p)).abs().sum(-1)
+def sorted_top_k_distance(q_top: torch.Tensor, p_top: torch.Tensor) -> torch.Tensor:
+    """``(m,)``: ``sum_r |q_top[r] - p_top[r]|``, the sorted-probability distance of two ``(m, top_k)`` decreasing
+    top-k (zero-padded) probability lists."""
+    return (q_top - p_top).abs().sum(-1)
 
 
 class _AlignedLoss:
@@ -204,6 +215,12 @@ class _AlignedLoss:
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(logits.float() / self.temperature, dim=-1)
 
+    def sides(self, student_logits, chunk: AlignedChunk, labels) -> tuple[SpanSide, SpanSide]:
+        """The student's and the teacher's :class:`SpanSide` of the chunk."""
+        return (SpanSide(self.log_probs(student_logits), chunk.student_spans, labels, chunk.num_spans),
+                SpanSide(self.log_probs(chunk.teacher_logits), chunk.teacher_spans, chunk.teacher_labels,
+                         chunk.num_spans))
+
 
 class ULDLoss(_AlignedLoss):
     """ULD on aligned spans (module docstring), truncated to the ``top_k`` largest probabilities of each side."""
@@ -217,11 +234,10 @@ class ULDLoss(_AlignedLoss):
     def __call__(self, student_logits: torch.Tensor, chunk: AlignedChunk, labels: torch.Tensor) -> torch.Tensor:
         if chunk.num_spans == 0:
             return student_logits.sum() * 0.0
-        log_q, _ = merged_span_log_distribution(self.log_probs(student_logits), chunk.student_spans, labels,
-                                                chunk.num_spans)
-        log_p, _ = merged_span_log_distribution(self.log_probs(chunk.teacher_logits), chunk.teacher_spans,
-                                                chunk.teacher_labels, chunk.num_spans)
-        return sorted_top_k_distance(log_q, log_p, self.top_k).sum()
+        student, teacher = self.sides(student_logits, chunk, labels)
+        every = torch.arange(chunk.num_spans, device=student_logits.device)
+        return sorted_top_k_distance(student.merged_top_k(every, self.top_k),
+                                     teacher.merged_top_k(every, self.top_k)).sum()
 
 
 class HybridLoss(_AlignedLoss):
@@ -263,27 +279,25 @@ class HybridLoss(_AlignedLoss):
         if chunk.shared is None:
             raise ValueError("HybridLoss needs the shared vocabulary (AlignedTeacher(shared=...)).")
         shared_student, shared_teacher = chunk.shared
-        log_q_all = self.log_probs(student_logits)
-        log_p_all = self.log_probs(chunk.teacher_logits)
-        log_q, student_tokens = merged_span_log_distribution(log_q_all, chunk.student_spans, labels, chunk.num_spans)
-        log_p, teacher_tokens = merged_span_log_distribution(log_p_all, chunk.teacher_spans, chunk.teacher_labels,
-                                                             chunk.num_spans)
-        one_to_one = (student_tokens == 1) & (teacher_tokens == 1)
-        uld = sorted_top_k_distance(log_q, log_p, self.top_k)
-        total = uld[~one_to_one].sum()
+        student, teacher = self.sides(student_logits, chunk, labels)
+        one_to_one = (student.tokens == 1) & (teacher.tokens == 1)
+        spans = torch.arange(chunk.num_spans, device=student_logits.device)
+        total = student_logits.new_zeros((), dtype=torch.float32)
+        if not one_to_one.all():
+            others = spans[~one_to_one]
+            total = sorted_top_k_distance(student.merged_top_k(others, self.top_k),
+                                          teacher.merged_top_k(others, self.top_k)).sum()
         if one_to_one.any():
-            student_rows = span_structure(chunk.student_spans, chunk.num_spans)[0][one_to_one]
-            teacher_rows = span_structure(chunk.teacher_spans, chunk.num_spans)[0][one_to_one]
-            z_s, z_t = student_logits[student_rows].float(), chunk.teacher_logits[teacher_rows]
+            singles = spans[one_to_one]
+            z_s = student_logits[student.first[singles][:, None], shared_student[None, :]].float()  # (m1, S)
+            z_t = chunk.teacher_logits[teacher.first[singles][:, None], shared_teacher[None, :]]
             if with_entropy:
-                per_token, target_entropy = self.shared_loss.with_target_entropy(z_s[:, shared_student],
-                                                                                 z_t[:, shared_teacher])
+                per_token, target_entropy = self.shared_loss.with_target_entropy(z_s, z_t)
                 shared_part, entropy = per_token.sum(), target_entropy.detach().sum()
             else:
-                shared_part = self.shared_loss(z_s[:, shared_student], z_t[:, shared_teacher]).sum()
-            rest_q = log_q[one_to_one].index_fill(1, shared_student, float("-inf"))
-            rest_p = log_p[one_to_one].index_fill(1, shared_teacher, float("-inf"))
-            rest = sorted_top_k_distance(rest_q, rest_p, self.top_k).sum()
+                shared_part = self.shared_loss(z_s, z_t).sum()
+            rest = sorted_top_k_distance(student.rest_top_k(singles, shared_student, self.top_k),
+                                         teacher.rest_top_k(singles, shared_teacher, self.top_k)).sum()
             shared_weight, rest_weight = self.weights(shared_student.shape[0], chunk.teacher_logits.shape[1])
             total = total + shared_weight * shared_part + rest_weight * rest
         return total, entropy
@@ -297,10 +311,8 @@ class SpanLikelihoodLoss(_AlignedLoss):
     def __call__(self, student_logits: torch.Tensor, chunk: AlignedChunk, labels: torch.Tensor) -> torch.Tensor:
         if chunk.num_spans == 0:
             return student_logits.sum() * 0.0
-        log_q = span_log_probs(self.log_probs(student_logits), chunk.student_spans, labels, chunk.num_spans)[0]
-        log_p = span_log_probs(self.log_probs(chunk.teacher_logits), chunk.teacher_spans, chunk.teacher_labels,
-                               chunk.num_spans)[0]
-        return binary_kl(log_p, log_q).sum()
+        student, teacher = self.sides(student_logits, chunk, labels)
+        return binary_kl(teacher.log_likelihood, student.log_likelihood).sum()
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import numpy as np
 import torch
 
 from ..cross_tokenizer import RowAligner, shared_vocabulary
@@ -78,6 +79,15 @@ class CrossTokenizerTeacher(TeacherSignal):
         self.shared = None
         if loss == "hybrid":
             student_ids, teacher_ids = shared_vocabulary(student_tokenizer, teacher_tokenizer)
+            taken_s, taken_t, specials = set(student_ids.tolist()), set(teacher_ids.tolist()), []
+            for s, t in self.aligner.special_map.items():  # one pair per token on each side
+                if s not in taken_s and t not in taken_t:
+                    specials.append((s, t))
+                    taken_s.add(s)
+                    taken_t.add(t)
+            if specials:  # special tokens paired by role (eos <-> eos) are shared tokens too
+                student_ids = np.concatenate([student_ids, np.asarray([s for s, _ in specials], dtype=np.int64)])
+                teacher_ids = np.concatenate([teacher_ids, np.asarray([t for _, t in specials], dtype=np.int64)])
             inside = (student_ids < self.vocab_size) & (teacher_ids < self.teacher_vocab_size)
             self.shared = (torch.as_tensor(student_ids[inside]), torch.as_tensor(teacher_ids[inside]))
             logger.info("Cross-tokenizer hybrid loss: %d tokens shared by the two vocabularies (%d student, %d "
