@@ -10,12 +10,14 @@ The task is the quickstart's three-digit addition, every number lowest digit fir
 its noisy training answers (30% of the rows have one wrong digit; held-out rows are right). Two tokenizers of the
 same text:
 
-* the teacher's: BPE trained here on the task's text (``--teacher_vocab`` tokens; numbers are words, ``+`` and
-  ``=`` apart), which writes most numbers as one to three tokens of one to three digits;
+* the teacher's: BPE trained here on the task's text (``--teacher_vocab`` tokens), with numbers cut into pairs of
+  digits from their start before the merges: ``743`` is ``74`` + ``3``, ``3101`` is ``31`` + ``01``;
 * the students': the quickstart's character-level tokenizer (one token per digit).
 
-So every number is a 1:n span (a teacher token of two or three digits against the student's digits) or a 1:1 span
-(a single digit, the operators, the end of sequence). The teacher (4 layers, hidden 128, the quickstart teacher's
+So a number is a 1:2 span (a teacher token of two digits against the student's two) followed, for three digits,
+by a 1:1 span; the operators and the end of sequence are 1:1. (A first draft let BPE merge whole numbers freely:
+its segmentation then depends on the digits, "133" is "1" + "33" but "251" is one token, and the teacher did not
+learn the task in 2000 steps, loss 1.8 per token.) The teacher (4 layers, hidden 128, the quickstart teacher's
 architecture) is trained here once with the teacher's tokenizer (``--teacher_steps`` of 128 of 400k rows) and
 cached in ``--work_dir``. Every student has the quickstart student's architecture (2 layers, hidden 64), is
 initialised from the seed and trains for ``--max_steps`` of ``--batch_size`` on the same 1000 noisy rows in the
@@ -72,9 +74,12 @@ METHODS = {  # name -> (tokenizer: "student" (character-level) or "teacher", cro
 
 
 def teacher_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """BPE trained on the task's text: numbers are words (``+`` and ``=`` split off), specials as the quickstart's."""
+    """BPE trained on the task's text, which it sees as words of one or two digits (``+`` and ``=`` split off, each
+    number cut into pairs of digits from its start), specials as the quickstart's."""
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("[+=]"), behavior="isolated")
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("[+=]"), behavior="isolated"),
+        pre_tokenizers.Split(Regex("[0-9][0-9]"), behavior="isolated")])  # a number's digits in pairs
     tokenizer.decoder = decoders.Fuse()
     texts = [row["prompt"] + row["completion"] for row in make_split("train", 20_000, seed=100)]
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS, UNK]))
@@ -201,7 +206,7 @@ def parse_args(argv):
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--kd_ratio", type=float, default=0.5)
-    parser.add_argument("--teacher_vocab", type=int, default=160)
+    parser.add_argument("--teacher_vocab", type=int, default=128)
     parser.add_argument("--teacher_steps", type=int, default=2000)
     parser.add_argument("--work_dir", default="/tmp/llmkd_cross_tokenizer_study")
     parser.add_argument("--results", default=None, help="JSON lines of every run (default: WORK_DIR/results.jsonl); "

@@ -193,6 +193,10 @@ METHODS = {
     # per-micro-batch load-balancing loss with a large coefficient so that it shows in the update
     "moe_mimic": (MoEMimicConfig, RecordingMoEMimicTrainer, dict(loss_chunk_size=7, moe_stage="d2s",
                                                                   aux_loss_coef=0.5)),
+    # a teacher with a SentencePiece-style tokenizer (tests/test_cross_tokenizer.py), the hybrid loss on aligned
+    # spans (chunks of about 7 student tokens, never splitting a span)
+    "cross_tokenizer": (DistillConfig, RecordingTrainer, dict(loss_chunk_size=7, kd_ratio=0.8,
+                                                              cross_tokenizer_loss="hybrid")),
 }
 
 
@@ -211,6 +215,12 @@ def train(tag: str, mode: str, batch: int, accumulation: int, steps: int, lr: fl
     tokenizer = make_tokenizer()
     student = tiny_llama(len(tokenizer), hidden=32, layers=2, seed=1)
     teacher = tiny_llama(len(tokenizer) + 7, hidden=48, layers=2, seed=2)
+    teacher_tokenizer = None
+    if method == "cross_tokenizer":
+        from test_cross_tokenizer import metaspace_tokenizer
+
+        teacher_tokenizer = metaspace_tokenizer(200)
+        teacher = tiny_llama(len(teacher_tokenizer), hidden=48, layers=2, seed=2)
     if method == "moe_mimic":
         student = upcycle_to_moe(student, num_experts=4, top_k=2, every=1, seed=3)
     init = {name: p.detach().clone() for name, p in student.named_parameters()}
@@ -245,6 +255,7 @@ def train(tag: str, mode: str, batch: int, accumulation: int, steps: int, lr: fl
     trainer = trainer_class(
         model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows()),
         processing_class=tokenizer, callbacks=[snapshot],
+        **({"teacher_processing_class": teacher_tokenizer} if teacher_tokenizer is not None else {}),
     )
     trainer.micro = []
     snapshot.trainer = trainer
