@@ -18,7 +18,8 @@ So a number is a 1:2 span (a teacher token of two digits against the student's t
 by a 1:1 span; the operators and the end of sequence are 1:1. (A first draft let BPE merge whole numbers freely:
 its segmentation then depends on the digits, "133" is "1" + "33" but "251" is one token, and the teacher did not
 learn the task in 2000 steps, loss 1.8 per token.) The teacher (4 layers, hidden 128, the quickstart teacher's
-architecture) is trained here once with the teacher's tokenizer (``--teacher_steps`` of 128 of 400k rows) and
+architecture) is trained here once with the teacher's tokenizer (``--teacher_steps`` of 128 of 400k rows; 2000
+steps, the quickstart teacher's budget, left it at exact match 0.75) and
 cached in ``--work_dir``. Every student has the quickstart student's architecture (2 layers, hidden 64), is
 initialised from the seed and trains for ``--max_steps`` of ``--batch_size`` on the same 1000 noisy rows in the
 same order, with the quickstart's optimiser settings.
@@ -207,7 +208,7 @@ def parse_args(argv):
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--kd_ratio", type=float, default=0.5)
     parser.add_argument("--teacher_vocab", type=int, default=128)
-    parser.add_argument("--teacher_steps", type=int, default=2000)
+    parser.add_argument("--teacher_steps", type=int, default=5000)
     parser.add_argument("--work_dir", default="/tmp/llmkd_cross_tokenizer_study")
     parser.add_argument("--results", default=None, help="JSON lines of every run (default: WORK_DIR/results.jsonl); "
                         "runs already there are not rerun.")

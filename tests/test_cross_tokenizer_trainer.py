@@ -16,7 +16,7 @@ from llmkd import DistillConfig, DistillTrainer, TAIDConfig, TAIDTrainer
 from llmkd.cross_tokenizer import RowAligner, TokenizerWithoutOffsetsError
 from llmkd.teacher import VocabularyMismatchError
 from llmkd.teacher_signals import CrossTokenizerTeacher
-from llmkd.teacher_signals.cross_tokenizer import STUDENT_SPANS, TEACHER_INPUT_IDS, TEACHER_SPANS
+from llmkd.cross_tokenizer.dataset import STUDENT_SPANS, TEACHER_INPUT_IDS, TEACHER_SPANS, alignment_stats
 from test_cross_tokenizer import metaspace_tokenizer
 
 ALPHABET = [row["prompt"] + row["completion"] for row in prompt_completion_rows(200, seed=9)]
@@ -196,7 +196,7 @@ def test_text_normalised_differently_is_skipped_and_counted(tmp_path, tokenizer,
     nothing = Dataset.from_list([{"llmkd_spans": 0, "llmkd_dropped_spans": 3, "llmkd_one_sided_special": 0,
                                   "llmkd_student_spans": [-1, -1]}])
     with pytest.raises(ValueError, match="No span of the train rows could be aligned"):
-        CrossTokenizerTeacher._log_stats(nothing, "train")
+        alignment_stats(nothing, "train")
 
 
 def test_special_tokens_on_one_side_are_counted(tokenizer, teacher_tokenizer):
@@ -214,7 +214,6 @@ def test_special_tokens_on_one_side_are_counted(tokenizer, teacher_tokenizer):
 @pytest.mark.parametrize("overrides,match", [
     (dict(seq_kd=True), "seq_kd"),
     (dict(lmbda=1.0, on_policy_objective="sampled_token"), "sampled_token"),
-    (dict(teacher_cache="somewhere"), "teacher_cache"),
 ])
 def test_unsupported_combinations_are_refused(tmp_path, tokenizer, teacher_tokenizer, models, dataset, overrides,
                                               match):

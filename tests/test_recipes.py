@@ -25,7 +25,8 @@ ACCELERATE_RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "accelerate"
 def test_recipes_exist():
     names = {os.path.relpath(p, ROOT) for p in METHOD_RECIPES + ACCELERATE_RECIPES}
     expected = {"recipes/kd/tiny.yaml", "recipes/kd/qwen2.5-7b-to-0.5b.yaml", "recipes/sinkd/tiny-cls.yaml",
-                "recipes/sinkd/tiny-lm.yaml", "recipes/sinkd/bert-base-to-6layer-sst2.yaml"} | {
+                "recipes/sinkd/tiny-lm.yaml", "recipes/sinkd/bert-base-to-6layer-sst2.yaml",
+                "recipes/cross_tokenizer/tiny.yaml", "recipes/cross_tokenizer/llama3.1-8b-to-qwen2.5-0.5b.yaml"} | {
         f"recipes/accelerate/{n}.yaml" for n in ("ddp", "zero2", "zero3", "zero3_offload", "fsdp2")}
     assert expected <= names
 
@@ -147,7 +148,7 @@ def test_cli_reports_unknown_keys(tmp_path):
 
 @pytest.mark.parametrize("recipe", ["recipes/kd/tiny.yaml", "recipes/kd/abkd-tiny.yaml", "recipes/taid/tiny.yaml",
                                     "recipes/sinkd/tiny-lm.yaml", "recipes/on_policy/tiny.yaml",
-                                    "recipes/sinkd/tiny-cls.yaml"])
+                                    "recipes/sinkd/tiny-cls.yaml", "recipes/cross_tokenizer/tiny.yaml"])
 def test_tiny_recipe_trains_offline_from_the_repository_root(tmp_path, recipe):
     """The offline recipes as shipped, shortened to a few steps; the recipe copy is the effective recipe."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

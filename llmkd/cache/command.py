@@ -96,7 +96,9 @@ def write(known, overrides: list[str]) -> int:
         _fill_deepspeed_batch_sizes(accelerator, batch_size)
 
     tokenizer, teacher_tokenizer = _tokenizers(config)
-    check_same_tokenizer(tokenizer, teacher_tokenizer)
+    cross = config.cross_tokenizer_loss is not None and teacher_tokenizer is not None
+    if not cross:
+        check_same_tokenizer(tokenizer, teacher_tokenizer)
     teacher = _load_teacher(config, teacher_tokenizer or tokenizer)  # the tokenizer is not loaded twice
     teacher = prepare_teacher(teacher, accelerator, is_deepspeed=is_deepspeed,
                               is_fsdp=accelerator.distributed_type == DistributedType.FSDP)
@@ -112,12 +114,18 @@ def write(known, overrides: list[str]) -> int:
             dataset, tokenizer, max_length=config.max_length, completion_only_loss=config.completion_only_loss,
             num_proc=config.dataset_num_proc, extra_columns=tuple(c for c in IMAGE_FIELDS if c in columns),
         )
+    if cross:  # the teacher's tokens of each row and the spans, as the trainer aligns them (docs/CROSS_TOKENIZER.md)
+        from ..cross_tokenizer import RowAligner
+        from ..cross_tokenizer.dataset import align_dataset
+
+        with accelerator.main_process_first():
+            prepared, _ = align_dataset(prepared, RowAligner(tokenizer_of(tokenizer), teacher_tokenizer), known.split)
     source = {"dataset_name": config.dataset_name, "dataset_config": config.dataset_config, "split": known.split,
               "max_length": config.max_length, "completion_only_loss": config.completion_only_loss,
               "teacher_dtype": config.teacher_dtype, "teacher_load_in_4bit": config.teacher_load_in_4bit,
               "teacher_load_in_8bit": config.teacher_load_in_8bit}
     top_k = config.cache_top_k
-    vocab_size = len(tokenizer_of(tokenizer))
+    vocab_size = len(teacher_tokenizer) if cross else len(tokenizer_of(tokenizer))
     if top_k > vocab_size:
         logger.warning("cache_top_k=%d exceeds the %d-token vocabulary: caching the whole distribution (k = %d).",
                        top_k, vocab_size, vocab_size)
@@ -127,7 +135,7 @@ def write(known, overrides: list[str]) -> int:
         teacher, prepared, tokenizer, output_dir, top_k=top_k, temperature=config.cache_temperature,
         shard_rows=config.cache_shard_rows, batch_size=batch_size, teacher_name=config.teacher_model_name_or_path,
         teacher_revision=config.teacher_revision, accelerator=accelerator, logprob_bits=known.logprob_bits,
-        source=source, progress=not config.disable_tqdm,
+        source=source, progress=not config.disable_tqdm, teacher_tokenizer=teacher_tokenizer if cross else None,
     )
     if accelerator.is_main_process:
         seconds = time.monotonic() - started

@@ -1,6 +1,7 @@
 """Fingerprints that tie a cache to the tokenizer and the prepared dataset it was written from.
 
-* :func:`tokenizer_fingerprint`: the token <-> id mapping (what a cached id means);
+* :func:`tokenizer_fingerprint`: the token <-> id mapping (what a cached id means); :func:`tokenizers_fingerprint`
+  the pair's, for a teacher with another tokenizer;
 * :func:`row_hashes`: one 64-bit hash per prepared row over the columns the teacher's computation depends on
   (``input_ids``, ``attention_mask``, ``labels`` and any image field), so a mismatch can be traced to its first
   differing row; columns a trainer adds afterwards (e.g. a row index) do not count;
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..constants import IGNORE_INDEX
+from ..cross_tokenizer.dataset import ALIGNMENT_COLUMNS, TEACHER_SPANS
 from ..data import IMAGE_FIELDS
 
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
@@ -34,9 +36,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return "sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+def tokenizers_fingerprint(tokenizer, teacher_tokenizer=None) -> str:
+    """:func:`tokenizer_fingerprint` of ``tokenizer``, or, for a teacher with another tokenizer, of the pair
+    (``"sha256:<hex>"`` of both fingerprints): a cross-tokenizer cache is valid for one pair only."""
+    student = tokenizer_fingerprint(tokenizer)
+    if teacher_tokenizer is None:
+        return student
+    pair = f"student={student};teacher={tokenizer_fingerprint(teacher_tokenizer)}"
+    return "sha256:" + hashlib.sha256(pair.encode("utf-8")).hexdigest()
+
+
 def hashed_columns(dataset) -> list[str]:
-    """The columns of ``dataset`` that enter the row hashes, in a fixed order."""
-    names = [c for c in TOKEN_COLUMNS + tuple(IMAGE_FIELDS) if c in dataset.column_names]
+    """The columns of ``dataset`` that enter the row hashes, in a fixed order (a cross-tokenizer row's alignment
+    columns included: the teacher's tokens and spans)."""
+    names = [c for c in TOKEN_COLUMNS + ALIGNMENT_COLUMNS + tuple(IMAGE_FIELDS) if c in dataset.column_names]
     if "input_ids" not in names or "labels" not in names:
         raise ValueError(f"Expected a prepared dataset (llmkd.data.prepare_dataset) with 'input_ids' and 'labels' "
                          f"columns, got columns {dataset.column_names}.")
@@ -77,12 +90,14 @@ def dataset_fingerprint(dataset) -> str:
 
 def valid_token_counts(dataset, start: int = 0, stop: int | None = None) -> np.ndarray:
     """``(stop - start,)`` int64: per row, the positions ``j`` with ``labels[j + 1] != -100`` (the tokens whose
-    teacher distribution is cached)."""
+    teacher distribution is cached); for cross-tokenizer rows, the teacher's tokens in trained spans (never a
+    row's first token)."""
     stop = len(dataset) if stop is None else stop
     out = np.zeros(max(stop - start, 0), dtype=np.int64)
-    for offset, table in _slices(dataset, ["labels"], start, stop):
-        values, offsets = _flat_ints(table.column("labels"))
-        trained = np.concatenate([values != IGNORE_INDEX, [False]]).astype(np.int64)
+    column, ignored = ("labels", IGNORE_INDEX) if TEACHER_SPANS not in dataset.column_names else (TEACHER_SPANS, -1)
+    for offset, table in _slices(dataset, [column], start, stop):
+        values, offsets = _flat_ints(table.column(column))
+        trained = np.concatenate([values != ignored, [False]]).astype(np.int64)
         cumulative = np.concatenate([[0], np.cumsum(trained)])
         lengths = np.diff(offsets)
         # shifted labels: position 0 of a row is never a target

@@ -14,7 +14,7 @@ from ..loading import tokenizer_of
 from .encoding import EncodedTokens
 from .errors import CacheCorruptError, CacheMismatchError
 from .files import METADATA_FILE, PLAN_FILE, read_json, sha256_file, shard_bounds
-from .fingerprint import fingerprint_of_hashes, row_hashes, tokenizer_fingerprint, valid_token_counts
+from .fingerprint import fingerprint_of_hashes, row_hashes, tokenizers_fingerprint, valid_token_counts
 from .metadata import check_metadata
 from .shard import ShardView, open_shard
 
@@ -151,14 +151,19 @@ class TeacherCache:
         return view
 
     # --------------------------------------------------------------------------------------------- checking
-    def check_compatible(self, tokenizer, prepared_dataset, *, temperature: float | None = None) -> None:
-        """Raise :class:`CacheMismatchError` unless the cache was written for this tokenizer and this prepared
-        dataset (row for row), and, when given, this temperature. The message names every difference and, for
-        the dataset, the first row that differs."""
+    def check_compatible(self, tokenizer, prepared_dataset, *, temperature: float | None = None,
+                         teacher_tokenizer=None) -> None:
+        """Raise :class:`CacheMismatchError` unless the cache was written for this tokenizer (with a teacher of
+        another tokenizer: this pair of tokenizers) and this prepared dataset (row for row), and, when given, this
+        temperature. The message names every difference and, for the dataset, the first row that differs."""
         problems = []
         tokenizer = tokenizer_of(tokenizer)
-        fingerprint = tokenizer_fingerprint(tokenizer)
-        if fingerprint != self.metadata["tokenizer_fingerprint"]:
+        fingerprint = tokenizers_fingerprint(tokenizer, teacher_tokenizer)
+        if teacher_tokenizer is not None and fingerprint != self.metadata["tokenizer_fingerprint"]:
+            problems.append("tokenizers: the cache was not written for this student tokenizer and this teacher "
+                            "tokenizer (a cross-tokenizer cache holds the teacher's ids for one pair); cached token "
+                            "ids or alignments would mean other tokens")
+        elif fingerprint != self.metadata["tokenizer_fingerprint"]:
             problems.append(
                 f"tokenizer: the cache was written with a tokenizer of {self.metadata['tokenizer_size']} tokens "
                 f"({self.metadata['tokenizer_fingerprint'][:19]}...), this one has {len(tokenizer)} tokens "

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..heads import unwrap_model
 from ..loading import tokenizer_of
+from ..cross_tokenizer.dataset import is_aligned, teacher_view
 from .distributed import Ranks, is_partitioned
 from .encoding import EncodedTokens, TokenEncoding
 from .errors import CacheMismatchError
@@ -46,7 +47,7 @@ from .fingerprint import (
     hashed_columns,
     row_hashes,
     row_lengths,
-    tokenizer_fingerprint,
+    tokenizers_fingerprint,
     valid_token_counts,
 )
 from .metadata import build_metadata, make_plan, plan_differences
@@ -74,6 +75,7 @@ def write_teacher_cache(
     logprob_bits: int = 8,
     source: dict | None = None,
     progress: bool = True,
+    teacher_tokenizer=None,
 ) -> TeacherCache:
     """Run ``teacher`` over every row of ``prepared_dataset`` and cache, per valid token, the top-k ids and
     log-probabilities of ``log_softmax(logits[:vocab_size] / temperature)`` and the log of the tail mass.
@@ -96,6 +98,10 @@ def write_teacher_cache(
         logprob_bits: bits per log-probability (8: companded code, default; 2-16; 32: lossless float32).
         source: free-form facts recorded in the metadata (e.g. the recipe's data fields).
         progress: show a tqdm bar (cached tokens/s, ETA) on process 0.
+        teacher_tokenizer: for a teacher with another tokenizer, its tokenizer; ``prepared_dataset`` is then
+            aligned (:func:`llmkd.cross_tokenizer.dataset.align_dataset`) and each row's cached tokens are the
+            teacher's tokens in trained spans, in the teacher's vocabulary (``vocab_size`` defaults to
+            ``len(teacher_tokenizer)``); the fingerprint covers both tokenizers and the alignment columns.
     Returns:
         the finished :class:`TeacherCache`.
     """
@@ -103,7 +109,14 @@ def write_teacher_cache(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     text_tokenizer = tokenizer_of(tokenizer)
-    vocab_size = len(text_tokenizer) if vocab_size is None else int(vocab_size)
+    if is_aligned(prepared_dataset) != (teacher_tokenizer is not None):
+        raise ValueError("A cache for a teacher with another tokenizer needs both the aligned rows "
+                         "(llmkd.cross_tokenizer.dataset.align_dataset) and teacher_tokenizer; got "
+                         f"{'aligned' if is_aligned(prepared_dataset) else 'unaligned'} rows and "
+                         f"teacher_tokenizer={'given' if teacher_tokenizer is not None else 'None'}.")
+    teacher_rows = teacher_view(prepared_dataset) if teacher_tokenizer is not None else prepared_dataset
+    side_tokenizer = tokenizer_of(teacher_tokenizer) if teacher_tokenizer is not None else text_tokenizer
+    vocab_size = len(side_tokenizer) if vocab_size is None else int(vocab_size)
     encoding = TokenEncoding(vocab_size, int(top_k), int(logprob_bits))
     if temperature <= 0 or shard_rows < 1 or batch_size < 1:
         raise ValueError(f"temperature must be > 0 and shard_rows, batch_size >= 1; got {temperature}, "
@@ -116,7 +129,8 @@ def write_teacher_cache(
     shards = num_shards(len(prepared_dataset), shard_rows)
     plan = make_plan(
         teacher=teacher_name or _model_name(teacher), teacher_revision=teacher_revision,
-        tokenizer_fingerprint=tokenizer_fingerprint(text_tokenizer), tokenizer_size=len(text_tokenizer),
+        tokenizer_fingerprint=tokenizers_fingerprint(text_tokenizer, teacher_tokenizer),
+        tokenizer_size=len(text_tokenizer),
         dataset_fingerprint=fingerprint_of_hashes(hashes), num_rows=len(prepared_dataset), encoding=encoding,
         temperature=temperature, shard_rows=shard_rows, num_shards=shards, source=source,
     )
@@ -130,14 +144,14 @@ def write_teacher_cache(
         logger.info("Resuming the cache in %s: %d of this process's %d shards are already written.", output_dir,
                     len(mine) - len(todo), len(mine))
 
-    pad_token_id = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None \
-        else text_tokenizer.eos_token_id
+    pad_token_id = side_tokenizer.pad_token_id if side_tokenizer.pad_token_id is not None \
+        else side_tokenizer.eos_token_id
     if pad_token_id is None:
         raise ValueError("The tokenizer has neither a pad token nor an eos token: set tokenizer.pad_token first.")
-    runner = TeacherPass(teacher, prepared_dataset, hashed_columns(prepared_dataset), encoding, temperature,
+    runner = TeacherPass(teacher, teacher_rows, hashed_columns(teacher_rows), encoding, temperature,
                          batch_size, pad_token_id, _device(teacher))
     unwrap_model(teacher).eval()
-    lengths = row_lengths(prepared_dataset)
+    lengths = row_lengths(teacher_rows)
     plans = {s: runner.batches(*shard_bounds(s, shard_rows, len(prepared_dataset)),
                                lengths[slice(*shard_bounds(s, shard_rows, len(prepared_dataset)))]) for s in todo}
     forwards = sum(len(b) for b in plans.values())

@@ -56,8 +56,9 @@ def cache_vocab_size(cache, student, tokenizer) -> int:
     return vocab_size
 
 
-def tag_cached_rows(cache, dataset, tokenizer, split: str):
-    """Check the prepared dataset is the one the cache was written from, and add the row index column."""
+def tag_cached_rows(cache, dataset, tokenizer, split: str, teacher_tokenizer=None):
+    """Check the prepared dataset is the one the cache was written from (for a teacher with another tokenizer,
+    ``teacher_tokenizer``: the aligned rows and both tokenizers), and add the row index column."""
     if dataset is None:
         return None
     if split != "train":
@@ -65,7 +66,7 @@ def tag_cached_rows(cache, dataset, tokenizer, split: str):
             "teacher_cache covers the training rows only: evaluate with a live teacher (a run without "
             "teacher_cache), or drop the eval dataset / dataset_eval_split from this run."
         )
-    cache.check_compatible(tokenizer, dataset)
+    cache.check_compatible(tokenizer, dataset, teacher_tokenizer=teacher_tokenizer)
     return dataset.add_column(CACHE_ROW, list(range(len(dataset))))
 
 

@@ -18,6 +18,15 @@ import numpy as np
 import torch
 
 from ..cross_tokenizer import RowAligner, shared_vocabulary
+from ..cross_tokenizer.dataset import (
+    ALIGNMENT_COLUMNS,
+    STUDENT_SPANS,
+    TEACHER_ATTENTION_MASK,
+    TEACHER_INPUT_IDS,
+    TEACHER_SPANS,
+    align_dataset,
+    alignment_columns,
+)
 from ..heads import intercept_head, logit_transform_for, output_head
 from ..loading import position_limit
 from ..losses import (
@@ -32,15 +41,11 @@ from ..losses import (
 )
 from ..teacher import gathered_head_parameters, prepare_teacher
 from .base import TeacherSignal
+from .cached import CACHE_ROW, cached_targets, tag_cached_rows
 
 logger = logging.getLogger(__name__)
 
 CROSS_TOKENIZER_LOSSES = ("uld", "hybrid", "span")
-TEACHER_INPUT_IDS = "llmkd_teacher_input_ids"
-TEACHER_ATTENTION_MASK = "llmkd_teacher_attention_mask"
-STUDENT_SPANS = "llmkd_student_spans"
-TEACHER_SPANS = "llmkd_teacher_spans"
-ALIGNMENT_COLUMNS = (TEACHER_INPUT_IDS, TEACHER_ATTENTION_MASK, STUDENT_SPANS, TEACHER_SPANS)
 
 
 def head_rows(model) -> int:
@@ -65,17 +70,25 @@ class CrossTokenizerTeacher(TeacherSignal):
     """
 
     def __init__(self, model, student, student_tokenizer, teacher_tokenizer, *, loss: str, top_k: int = 64,
-                 temperature: float = 1.0, shared_weight: float | None = None, rest_weight: float | None = None):
+                 temperature: float = 1.0, shared_weight: float | None = None, rest_weight: float | None = None,
+                 cache=None):
         if loss not in CROSS_TOKENIZER_LOSSES:
             raise ValueError(f"cross_tokenizer_loss must be one of {CROSS_TOKENIZER_LOSSES}, got {loss!r}.")
-        self.model, self.loss = model, loss
+        self.model, self.loss, self.cache = model, loss, cache
         self.top_k, self.temperature = int(top_k), float(temperature)
         self.shared_weight, self.rest_weight = shared_weight, rest_weight
+        self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
         self.aligner = RowAligner(student_tokenizer, teacher_tokenizer)
         self.vocab_size = min(len(student_tokenizer), head_rows(student))
-        self.teacher_vocab_size = min(len(teacher_tokenizer), head_rows(model))
+        if cache is not None:
+            self.teacher_vocab_size = cache.vocab_size
+            if cache.vocab_size != len(teacher_tokenizer):
+                raise ValueError(f"The cache's distributions cover {cache.vocab_size} tokens but the teacher's "
+                                 f"tokenizer has {len(teacher_tokenizer)}: it was written for another teacher.")
+        else:
+            self.teacher_vocab_size = min(len(teacher_tokenizer), head_rows(model))
         self.teacher_pad_id = _pad_id(teacher_tokenizer)
-        self.transform = logit_transform_for(model)
+        self.transform = None if model is None else logit_transform_for(model)
         self.shared = None
         if loss == "hybrid":
             student_ids, teacher_ids = shared_vocabulary(student_tokenizer, teacher_tokenizer)
@@ -99,45 +112,23 @@ class CrossTokenizerTeacher(TeacherSignal):
 
     # ------------------------------------------------------------------------------------------------- data
     def align_columns(self, input_ids, labels) -> dict[str, list[int]]:
-        """The alignment columns of one row (:data:`ALIGNMENT_COLUMNS`) and its counts."""
-        row = self.aligner.align(input_ids, labels)
-        return {TEACHER_INPUT_IDS: row.teacher_input_ids.tolist(),
-                TEACHER_ATTENTION_MASK: [1] * len(row.teacher_input_ids),
-                STUDENT_SPANS: row.student_spans.tolist(), TEACHER_SPANS: row.teacher_spans.tolist(),
-                "llmkd_spans": row.num_spans, "llmkd_dropped_spans": row.dropped_spans,
-                "llmkd_one_sided_special": row.one_sided_special}
+        """The alignment columns of one row (:data:`~llmkd.cross_tokenizer.dataset.ALIGNMENT_COLUMNS`)."""
+        return {key: value for key, value in alignment_columns(self.aligner, input_ids, labels).items()
+                if key in ALIGNMENT_COLUMNS}
 
     def prepare_dataset(self, dataset, tokenizer, split: str):
         if dataset is None:
             return None
-        aligned = dataset.map(lambda row: self.align_columns(row["input_ids"], row.get("labels")),
-                              desc=f"Aligning the {split} rows with the teacher's tokenizer")
-        self.alignment_stats[split] = self._log_stats(aligned, split)
-        limit = position_limit(self.model)
+        aligned, self.alignment_stats[split] = align_dataset(dataset, self.aligner, split)
+        limit = None if self.model is None else position_limit(self.model)
         longest = max((len(ids) for ids in aligned[TEACHER_INPUT_IDS]), default=0)
         if limit and longest > limit:
             raise ValueError(f"A {split} row is {longest} tokens long in the teacher's tokenization, more than the "
                              f"teacher's {limit} positions: lower max_length (the student's tokens per row) so that "
                              "the teacher's tokenization of each row fits.")
-        counts = ["llmkd_spans", "llmkd_dropped_spans", "llmkd_one_sided_special"]
-        return aligned.remove_columns(counts)
-
-    @staticmethod
-    def _log_stats(aligned, split: str) -> dict[str, int]:
-        stats = {"rows": len(aligned), "spans": sum(aligned["llmkd_spans"]),
-                 "dropped_spans": sum(aligned["llmkd_dropped_spans"]),
-                 "one_sided_special_tokens": sum(aligned["llmkd_one_sided_special"]),
-                 "student_tokens_in_spans": sum(sum(1 for s in spans if s >= 0) for spans in aligned[STUDENT_SPANS])}
-        logger.info("Cross-tokenizer alignment of the %s rows: %s", split, stats)
-        if stats["rows"] and stats["spans"] == 0:
-            raise ValueError(f"No span of the {split} rows could be aligned between the two tokenizers "
-                             f"({stats['dropped_spans']} dropped): they normalise the text differently everywhere "
-                             "(e.g. one lowercases), so nothing can be distilled. Use tokenizers that keep the text.")
-        if stats["dropped_spans"]:
-            logger.warning("%d spans of the %s rows could not be aligned (the tokenizers normalise their text "
-                           "differently, or one has an unknown token there): they are trained with the student's "
-                           "cross-entropy only.", stats["dropped_spans"], split)
-        return stats
+        if self.cache is not None:  # checked against the rows and both tokenizers, then tagged with the row index
+            return tag_cached_rows(self.cache, aligned, tokenizer, split, teacher_tokenizer=self.teacher_tokenizer)
+        return aligned
 
     def completions_batch(self, batch: dict) -> dict:
         """Re-tokenize and re-align each row of a batch of generated completions (``input_ids`` / ``attention_mask``
@@ -177,12 +168,13 @@ class CrossTokenizerTeacher(TeacherSignal):
         return DistillationObjective(token_loss, objective.kd_weight, objective.ce_weight)
 
     def place(self, accelerator, *, is_deepspeed: bool, is_fsdp: bool) -> None:
-        self.model = prepare_teacher(self.model, accelerator, is_deepspeed=is_deepspeed, is_fsdp=is_fsdp)
+        if self.model is not None:
+            self.model = prepare_teacher(self.model, accelerator, is_deepspeed=is_deepspeed, is_fsdp=is_fsdp)
         if self.shared is not None:
             self.shared = tuple(ids.to(accelerator.device) for ids in self.shared)
 
     def token_targets(self, model_inputs: dict, valid: torch.Tensor, *, dense: bool = False):
-        missing = [key for key in ALIGNMENT_COLUMNS if key not in model_inputs]
+        missing = [key for key in ALIGNMENT_COLUMNS if key not in model_inputs]  # checked before any is popped
         if missing:
             raise ValueError(f"The batch has no {missing} columns: a cross-tokenizer run needs the alignment columns "
                              "its dataset preparation adds, padded by llmkd's collator (keep "
@@ -197,6 +189,15 @@ class CrossTokenizerTeacher(TeacherSignal):
         teacher_valid = teacher_spans[:, 1:] >= 0  # (B, L_t - 1): teacher targets of trained spans
         teacher_global = (teacher_spans[:, 1:] + offset)[teacher_valid]  # (N_t,)
         teacher_labels = teacher_ids[:, 1:][teacher_valid]
+        if self.cache is not None:  # the cached top-k + tail of the rows, densified with a uniform tail
+            rows = model_inputs.pop(CACHE_ROW, None)
+            if rows is None:
+                raise ValueError(f"The batch has no {CACHE_ROW!r} column: keep remove_unused_columns=False when "
+                                 "training from teacher_cache.")
+            cached = cached_targets(self.cache, rows, teacher_labels.numel(), self.teacher_vocab_size,
+                                    teacher_ids.device)
+            return contextlib.nullcontext(AlignedTeacher(cached, student_global, teacher_global, teacher_labels,
+                                                         self.teacher_vocab_size, self.shared))
         inputs = {"input_ids": teacher_ids, "attention_mask": teacher_mask, "use_cache": False}
         if dense:
             with torch.no_grad():

@@ -107,10 +107,6 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
             train_dataset, eval_dataset = load_dataset_splits(args)
         self.task = self._resolve_task(model, args)
         model, processing_class = self._student(model, args, processing_class, self.task)
-        if args.teacher_cache and args.cross_tokenizer_loss:
-            raise ValueError("teacher_cache with cross_tokenizer_loss is not supported yet: a cache holds the "
-                             "teacher's distributions at the student's tokens. Train with the teacher model (drop "
-                             "teacher_cache) for a teacher with another tokenizer.")
         self.teacher_cache = open_teacher_cache(args, teacher_model, self.task)
         check_on_policy_setup(args, task=self.task, teacher_cache=self.teacher_cache,
                               sampled_token_allowed=self.supports_sampled_token_objective)
@@ -119,13 +115,13 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
                 teacher_model, args, teacher_processing_class, self.task
             )
         tokenizer = tokenizer_of(processing_class)
-        if self.teacher_cache is not None:
-            self.teacher_signal = CachedTeacher(self.teacher_cache, model, tokenizer)
-            self.vocab_size = self.teacher_signal.vocab_size
-        elif args.cross_tokenizer_loss is not None and not self.is_classification:
+        if args.cross_tokenizer_loss is not None and not self.is_classification:
+            if self.teacher_cache is not None and teacher_processing_class is None:
+                teacher_processing_class = cached_teacher_tokenizer(args)
             self.teacher_signal = self._cross_tokenizer_teacher(model, teacher_model, tokenizer,
                                                                 teacher_processing_class, args)
-            self.vocab_size = self.teacher_signal.vocab_size
+        elif self.teacher_cache is not None:
+            self.teacher_signal = CachedTeacher(self.teacher_cache, model, tokenizer)
         elif self.is_classification:
             check_same_tokenizer(tokenizer, teacher_processing_class)
             self.num_labels = check_label_spaces(model, teacher_model)
@@ -133,11 +129,11 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
                 "token_type_ids" in inspect.signature(unwrap_model(m).forward).parameters
                 for m in (model, teacher_model)
             )
-            self.vocab_size = None
+            self.teacher_signal = OnlineTeacher(teacher_model, None)
         else:
-            self.vocab_size = aligned_vocab_size(model, teacher_model, tokenizer, teacher_processing_class)
-        if self.teacher_cache is None and not isinstance(getattr(self, "teacher_signal", None), CrossTokenizerTeacher):
-            self.teacher_signal = OnlineTeacher(teacher_model, self.vocab_size)
+            self.teacher_signal = OnlineTeacher(teacher_model, aligned_vocab_size(model, teacher_model, tokenizer,
+                                                                                  teacher_processing_class))
+        self.vocab_size = self.teacher_signal.vocab_size
 
         if peft_config is None and args.use_peft:
             peft_config = self._lora_config(args)
@@ -234,7 +230,8 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
                              "on_policy_objective='divergence' (the cross-tokenizer loss on the samples).")
         return CrossTokenizerTeacher(teacher, student, tokenizer, teacher_tokenizer, loss=args.cross_tokenizer_loss,
                                      top_k=args.cross_tokenizer_top_k, temperature=args.temperature,
-                                     shared_weight=args.hybrid_shared_weight, rest_weight=args.hybrid_rest_weight)
+                                     shared_weight=args.hybrid_shared_weight, rest_weight=args.hybrid_rest_weight,
+                                     cache=self.teacher_cache)
 
     def _lora_config(self, args: DistillConfig):
         return lora_config_from_args(args, "SEQ_CLS" if self.is_classification else "CAUSAL_LM")
@@ -458,6 +455,16 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
         if self.is_classification and not prediction_loss_only:
             return loss.detach(), outputs.logits.detach(), inputs["labels"]
         return loss.detach(), None, None
+
+
+def cached_teacher_tokenizer(args):
+    """The teacher's tokenizer of a cross-tokenizer run from a teacher cache (no teacher model is loaded)."""
+    if not args.teacher_model_name_or_path:
+        raise ValueError("A cross-tokenizer run from teacher_cache needs the teacher's tokenizer: pass "
+                         "teacher_processing_class=, or set teacher_model_name_or_path (only its tokenizer is loaded).")
+    from ..loading import teacher_processing_class
+
+    return tokenizer_of(teacher_processing_class(args))
 
 
 def lora_config_from_args(args, task_type: str = "CAUSAL_LM"):
