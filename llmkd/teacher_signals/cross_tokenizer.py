@@ -7,6 +7,9 @@ hidden states at the rows of trained spans become the targets of a cross-tokeniz
 (:class:`~llmkd.losses.AlignedTeacher`, read chunk by chunk by the engine, projected through the teacher's own
 head); the configured token loss is replaced by that loss (:meth:`CrossTokenizerTeacher.objective`): ULD, the hybrid
 (the configured divergence, or TAID's interpolation, on the shared vocabulary of 1:1 spans) or span likelihood.
+
+From a teacher cache instead of a model (``cache=``, written by ``llmkd cache-teacher`` for the aligned rows), the
+targets are the cached top-k of the teacher's tokens in trained spans, densified with a uniform tail.
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ class CrossTokenizerTeacher(TeacherSignal):
         top_k: ULD's truncation (the hybrid's too).
         temperature: the losses' softening temperature.
         shared_weight / rest_weight: the hybrid's weights (None: GOLD's defaults).
+
+        cache: a :class:`~llmkd.cache.TeacherCache` written for these aligned rows and tokenizers (then ``model``
+            is None).
 
     ``vocab_size`` is the student's (its tokenizer's length, within its head); the teacher's distributions are over
     its own tokenizer's ids (``teacher_vocab_size``).
