@@ -112,3 +112,27 @@ def test_misused_cross_tokenizer_caches_are_refused(tmp_path, models, rows, toke
                          max_length=MAX_LENGTH, cross_tokenizer_loss="uld")
     with pytest.raises(ValueError, match="teacher's tokenizer"):
         DistillTrainer(model=copy.deepcopy(models[0]), args=args, train_dataset=rows, processing_class=tokenizer)
+
+
+def test_the_command_line_caches_and_trains_the_shipped_recipe(tmp_path):
+    """recipes/cross_tokenizer/tiny.yaml: ``llmkd cache-teacher`` writes the aligned rows' cache (the teacher's
+    vocabulary, both tokenizers in the fingerprint), and ``llmkd train`` trains from it without loading the teacher."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    recipe = "recipes/cross_tokenizer/tiny.yaml"
+    written = subprocess.run([sys.executable, "-m", "llmkd", "cache-teacher", "--config", recipe, "--output_dir",
+                              str(tmp_path / "cache")], capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert written.returncode == 0, written.stderr[-3000:]
+    cache = TeacherCache(tmp_path / "cache")
+    assert cache.vocab_size == 115 and cache.num_rows == 1000
+    trained = subprocess.run([sys.executable, "-m", "llmkd", "train", "--config", recipe, "--teacher_cache",
+                              str(tmp_path / "cache"), "--max_steps", "3", "--logging_steps", "1", "--output_dir",
+                              str(tmp_path / "out"), "--eval_strategy", "no"], capture_output=True, text=True,
+                             env=env, timeout=300, cwd=root)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert trained.stdout.count("'kd_loss'") + trained.stderr.count("'kd_loss'") == 3
