@@ -304,14 +304,12 @@ def word_tokenizers():
     return word_level(STUDENT_VOCAB), word_level(TEACHER_VOCAB)
 
 
-def hybrid_inputs(seed: int, teacher_shared_shift: float = 0.0, shared_teacher_ids=None):
-    """One sequence whose five spans are all 1:1 (same token ends on both sides), the vocabularies' sizes."""
+def hybrid_inputs(seed: int):
+    """One sequence whose five spans are all 1:1 (same token ends on both sides)."""
     generator = torch.Generator().manual_seed(seed)
     offsets = [(0, 1), (1, 3), (3, 4), (4, 6), (6, 7)]
     student = make_sequence(offsets, 2, len(STUDENT_VOCAB), generator)
     teacher = make_sequence(offsets, 4, len(TEACHER_VOCAB), generator)
-    if teacher_shared_shift:
-        teacher["logits"][:, shared_teacher_ids] += teacher_shared_shift
     return student, teacher, [0, 1, 2, 3, 4]
 
 
@@ -345,7 +343,8 @@ def test_hybrid_on_one_to_one_groups(word_tokenizers, beta, temperature):
     - by design: llmkd's shared part (``shared_weight=1, rest_weight=0``, per span) is TRL's matched formula on
       the *renormalised* matched probabilities, not TRL's ``last_matched_loss`` (raw probabilities); so llmkd's
       default hybrid per span is ``w * (renormalised) + (1 - w) * last_unmatched_loss``, while TRL's total is
-      ``w * last_matched_loss + (1 - w) * last_unmatched_loss``."""
+      ``w * last_matched_loss + (1 - w) * last_unmatched_loss``; a ``top_k`` below the unshared vocabularies
+      truncates the unshared part (smaller than TRL's, growing with ``top_k``)."""
     student_tok, teacher_tok = word_tokenizers
     trl_fn = TRLULDLoss(trl_config(uld_use_hybrid_loss=True, beta=beta, uld_student_temperature=temperature,
                                    uld_teacher_temperature=temperature),
@@ -361,8 +360,8 @@ def test_hybrid_on_one_to_one_groups(word_tokenizers, beta, temperature):
 
     divergence = get_divergence("jsd", temperature=temperature, beta=beta, scale_by_t2=False)
 
-    def ours(**weights):
-        loss = HybridLoss(divergence, top_k=len(TEACHER_VOCAB), temperature=temperature, **weights)
+    def ours(top_k=len(TEACHER_VOCAB), **weights):
+        loss = HybridLoss(divergence, top_k=top_k, temperature=temperature, **weights)
         return float(run_llmkd(loss, [student], [teacher], [spans], [spans], shared=pairs)) / num_spans
 
     assert HybridLoss(divergence).weights(5, len(TEACHER_VOCAB)) == pytest.approx((weight, 1 - weight), rel=1e-12)
@@ -375,29 +374,43 @@ def test_hybrid_on_one_to_one_groups(word_tokenizers, beta, temperature):
     assert ours() == pytest.approx(weight * renormalised + (1 - weight) * unmatched,
                                    abs=rest_tolerance + shared_tolerance)
     assert abs(renormalised - matched) > 1e-3  # TRL's raw-probability value is another number
+    # by design, as for ULD: a top_k below the unshared vocabularies (4 and 6 tokens) keeps a prefix of TRL's sum
+    truncated = [ours(top_k=k, shared_weight=0.0, rest_weight=1.0) for k in (1, 2, 3)]
+    assert truncated[0] < truncated[1] < truncated[2] < unmatched - 1e-4
     assert unmatched > 0.05 and renormalised > 1e-3  # the inputs exercise both parts
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 def test_hybrid_trl_raw_matched_kl_can_be_negative(word_tokenizers, beta):
     """By design (why llmkd renormalises): at ``beta`` 0 or 1 TRL's matched part is a KL between the raw matched
-    probabilities, which are sub-probability vectors, so it is negative when the side that weights the log-ratio
-    puts less mass on the matched tokens than the other (here the matched teacher logits lowered by 4 at
-    ``beta=0``, forward KL(p||q); raised by 4 at ``beta=1``, reverse KL(q||p)). llmkd's shared part, a KL
-    between the renormalised distributions, is >= 0 and equals TRL's formula on them."""
+    probabilities, sub-probability vectors of masses ``P`` (teacher) and ``Q`` (student). Here the teacher's
+    matched logits are the student's plus a constant ``c``, so the renormalised matched distributions are equal
+    and TRL's value is ``P log(P / Q)`` (``beta=0``, forward KL(p||q)) or ``Q log(Q / P)`` (``beta=1``, reverse
+    KL(q||p)) per group: negative when the weighting side has the smaller mass (``c = -3`` resp. ``+3``). llmkd's
+    shared part, the KL between the renormalised distributions, is 0 (float32 rounding), as TRL's formula on
+    them is."""
     student_tok, teacher_tok = word_tokenizers
     trl_fn = TRLULDLoss(trl_config(uld_use_hybrid_loss=True, beta=beta), student_tokenizer=student_tok,
                         teacher_tokenizer=teacher_tok)
     pairs = trl_pairs(trl_fn)
-    student, teacher, spans = hybrid_inputs(7, teacher_shared_shift=-4.0 if beta == 0.0 else 4.0,
-                                            shared_teacher_ids=pairs[1])
-    run_trl(trl_fn, [student], [teacher])
+    student, teacher, spans = hybrid_inputs(7)
+    shift = -3.0 if beta == 0.0 else 3.0
+    (student_rows, _), (teacher_rows, _) = llmkd_rows(student, 0), llmkd_rows(teacher, 0)
+    teacher_rows[:, pairs[1]] = student_rows[:, pairs[0]] + shift  # a view: writes the teacher's answer logits
+    trl = float(run_trl(trl_fn, [student], [teacher]))
     loss = HybridLoss(get_divergence("jsd", beta=beta), top_k=len(TEACHER_VOCAB), shared_weight=1.0, rest_weight=0.0)
     ours = float(run_llmkd(loss, [student], [teacher], [spans], [spans], shared=pairs)) / len(spans)
-    assert float(trl_fn.last_matched_loss) < -0.1
-    assert ours >= 0.0
+
+    mass_p = torch.softmax(teacher_rows, -1)[:, pairs[1]].sum(-1)
+    mass_q = torch.softmax(student_rows, -1)[:, pairs[0]].sum(-1)
+    weighting, other = (mass_p, mass_q) if beta == 0.0 else (mass_q, mass_p)
+    expected = float((weighting * torch.log(weighting / other)).mean())
+    assert float(trl_fn.last_matched_loss) == pytest.approx(expected, rel=1e-9)
+    weight = len(pairs[1]) / len(TEACHER_VOCAB)
+    assert expected < -0.02 and trl < (1 - weight) * float(trl_fn.last_unmatched_loss)  # it lowers TRL's total
     renormalised = float(renormalised_matched_jsd(student, teacher, pairs, beta, 1.0))
-    assert ours == pytest.approx(renormalised, abs=float32_bound(4 * 5, 2 * 18.5))
+    assert abs(renormalised) < 1e-12
+    assert ours == pytest.approx(0.0, abs=float32_bound(4 * 5, 2 * 18.5))
 
 
 # ----------------------------------------------------------------------------------------------------------------
