@@ -61,7 +61,8 @@ def random_batch(seed: int, *, vocab_s=37, vocab_t=50, hidden=16, spans=18):
         "teacher_labels": torch.randint(0, vocab_t, (n_t,), generator=generator),
         "student_spans": student_spans,
         "teacher_spans": teacher_spans,
-        "shared": (torch.randperm(vocab_s, generator=generator)[:12], torch.randperm(vocab_t, generator=generator)[:12]),
+        "shared": (torch.randperm(vocab_s, generator=generator)[:12],
+                   torch.randperm(vocab_t, generator=generator)[:12]),
     }
 
 

@@ -105,7 +105,9 @@ def test_a_killed_and_resumed_run_equals_the_uninterrupted_run(runs, case):
     if case == "moe_mimic":  # the routers of the upcycled student are part of the compared weights
         assert any(name.endswith("mlp.gate.weight") for name in whole_weights)
     checkpoint = killed / "out" / f"checkpoint-{KILL_AT}"
-    if case in ("on_policy", "cross_tokenizer"):  # the resumed steps drew student and teacher samples, both redrawn as in the whole run
+    # the resumed steps drew samples (student and teacher for on_policy, student for cross_tokenizer), redrawn as in
+    # the whole run
+    if case in ("on_policy", "cross_tokenizer"):
         fractions = [entry["on_policy_fraction"] for (step, kind), entry in whole_logs.items()
                      if kind == "train" and step > KILL_AT]
         assert any(f > 0 for f in fractions) and any(f < 1 for f in fractions), fractions

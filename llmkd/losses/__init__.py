@@ -3,8 +3,8 @@
 Dense divergences on logits (docs/ALGORITHMS.md section 0), their per-token kernels, the registry that turns a name
 into a token loss, TAID's interpolated target and schedule (section 1), SinKD's Sinkhorn term (section 2), and the
 chunked engine that runs any token loss (and a block loss such as the Sinkhorn term) from hidden states and
-output heads; the MoE load-balancing loss and the preference losses with a teacher reference (section 3); DHO's loss of its two
-heads (section 4).
+output heads; the MoE load-balancing loss and the preference losses with a teacher reference (section 3); DHO's loss
+of its two heads (section 4); the cross-tokenizer losses on aligned spans (section 6).
 """
 
 from .cross_tokenizer import AlignedTeacher, HybridLoss, SpanLikelihoodLoss, ULDLoss
