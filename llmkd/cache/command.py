@@ -119,7 +119,8 @@ def write(known, overrides: list[str]) -> int:
         from ..cross_tokenizer.dataset import align_dataset
 
         with accelerator.main_process_first():
-            prepared, _ = align_dataset(prepared, RowAligner(tokenizer_of(tokenizer), teacher_tokenizer), known.split)
+            prepared, _ = align_dataset(prepared, RowAligner(tokenizer_of(tokenizer), teacher_tokenizer), known.split,
+                                        config.dataset_num_proc)
     source = {"dataset_name": config.dataset_name, "dataset_config": config.dataset_config, "split": known.split,
               "max_length": config.max_length, "completion_only_loss": config.completion_only_loss,
               "teacher_dtype": config.teacher_dtype, "teacher_load_in_4bit": config.teacher_load_in_4bit,

@@ -43,12 +43,12 @@ def alignment_columns(aligner, input_ids, labels) -> dict:
             "llmkd_one_sided_special": row.one_sided_special}
 
 
-def align_dataset(dataset, aligner, split: str):
+def align_dataset(dataset, aligner, split: str, num_proc: int | None = None):
     """``(the aligned dataset, its counts)``: every row of a prepared ``dataset`` aligned by ``aligner`` (a
-    :class:`~llmkd.cross_tokenizer.RowAligner`), the counts logged (a WARNING for dropped spans). Raises
-    ``ValueError`` when no span of a non-empty split aligns."""
+    :class:`~llmkd.cross_tokenizer.RowAligner`) in ``num_proc`` processes, the counts logged (a WARNING for dropped
+    spans). Raises ``ValueError`` when no span of a non-empty split aligns."""
     aligned = dataset.map(lambda row: alignment_columns(aligner, row["input_ids"], row.get("labels")),
-                          desc=f"Aligning the {split} rows with the teacher's tokenizer")
+                          num_proc=num_proc, desc=f"Aligning the {split} rows with the teacher's tokenizer")
     stats = alignment_stats(aligned, split)
     return aligned.remove_columns(list(_COUNTS)), stats
 

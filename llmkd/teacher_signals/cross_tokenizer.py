@@ -70,6 +70,7 @@ class CrossTokenizerTeacher(TeacherSignal):
 
         cache: a :class:`~llmkd.cache.TeacherCache` written for these aligned rows and tokenizers (then ``model``
             is None).
+        num_proc: processes aligning the dataset's rows (``dataset_num_proc``).
 
     ``vocab_size`` is the student's (its tokenizer's length, within its head); the teacher's distributions are over
     its own tokenizer's ids (``teacher_vocab_size``).
@@ -77,10 +78,10 @@ class CrossTokenizerTeacher(TeacherSignal):
 
     def __init__(self, model, student, student_tokenizer, teacher_tokenizer, *, loss: str, top_k: int = 64,
                  temperature: float = 1.0, shared_weight: float | None = None, rest_weight: float | None = None,
-                 cache=None):
+                 cache=None, num_proc: int | None = None):
         if loss not in CROSS_TOKENIZER_LOSSES:
             raise ValueError(f"cross_tokenizer_loss must be one of {CROSS_TOKENIZER_LOSSES}, got {loss!r}.")
-        self.model, self.loss, self.cache = model, loss, cache
+        self.model, self.loss, self.cache, self.num_proc = model, loss, cache, num_proc
         self.top_k, self.temperature = int(top_k), float(temperature)
         self.shared_weight, self.rest_weight = shared_weight, rest_weight
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
@@ -125,7 +126,7 @@ class CrossTokenizerTeacher(TeacherSignal):
     def prepare_dataset(self, dataset, tokenizer, split: str):
         if dataset is None:
             return None
-        aligned, self.alignment_stats[split] = align_dataset(dataset, self.aligner, split)
+        aligned, self.alignment_stats[split] = align_dataset(dataset, self.aligner, split, self.num_proc)
         limit = None if self.model is None else position_limit(self.model)
         longest = max((len(ids) for ids in aligned[TEACHER_INPUT_IDS]), default=0)
         if limit and longest > limit:

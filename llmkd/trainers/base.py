@@ -231,7 +231,7 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
         return CrossTokenizerTeacher(teacher, student, tokenizer, teacher_tokenizer, loss=args.cross_tokenizer_loss,
                                      top_k=args.cross_tokenizer_top_k, temperature=args.temperature,
                                      shared_weight=args.hybrid_shared_weight, rest_weight=args.hybrid_rest_weight,
-                                     cache=self.teacher_cache)
+                                     cache=self.teacher_cache, num_proc=args.dataset_num_proc)
 
     def _lora_config(self, args: DistillConfig):
         return lora_config_from_args(args, "SEQ_CLS" if self.is_classification else "CAUSAL_LM")
