@@ -102,7 +102,7 @@ def naive_loss(kind, student_logits, teacher_logits, batch, *, temperature, top_
             continue
         q = merged(log_q, s_rows, batch["labels"])
         p = merged(log_p, t_rows, batch["teacher_labels"])
-        if kind == "uld" or len(s_rows) != 1 or len(t_rows) != 1:
+        if kind == "uld" or len(s_rows) != 1 or len(t_rows) != 1:  # (hybrid*: ULD on the spans not 1:1)
             total = total + sorted_l1(q, p, top_k)
             continue
         shared_s, shared_t = batch["shared"]
@@ -119,12 +119,13 @@ def naive_loss(kind, student_logits, teacher_logits, batch, *, temperature, top_
 def loss_object(kind, temperature, top_k, shared_loss):
     if kind == "uld":
         return ULDLoss(top_k=top_k, temperature=temperature)
-    if kind == "hybrid":
+    if kind.startswith("hybrid"):
         return HybridLoss(shared_loss, top_k=top_k, temperature=temperature)
     return SpanLikelihoodLoss(temperature=temperature)
 
 
-KINDS = ["uld", "hybrid", "span"]
+# hybrid: JSD on the shared vocabulary (autograd over the shared block); hybrid_fkl: forward KL (its closed form)
+KINDS = ["uld", "hybrid", "hybrid_fkl", "span"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -132,7 +133,8 @@ KINDS = ["uld", "hybrid", "span"]
 @pytest.mark.parametrize("chunk_size", [1, 5, None])
 def test_engine_matches_naive_reference(kind, temperature, top_k, chunk_size):
     batch = random_batch(0)
-    shared_loss = get_divergence("jsd", temperature=temperature, beta=0.5)
+    shared_loss = (get_divergence("fkl", temperature=temperature) if kind == "hybrid_fkl" else
+                   get_divergence("jsd", temperature=temperature, beta=0.5))
     token_loss = loss_object(kind, temperature, top_k, shared_loss)
     objective = DistillationObjective(token_loss, kd_weight=0.7, ce_weight=0.3)
     n = batch["student_hidden"].shape[0]

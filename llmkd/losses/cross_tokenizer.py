@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..constants import IGNORE_INDEX
+from .fused import ChunkWorkspace, fused_kl_ce_chunk
 from .targets import _check_same_tokens
 
 #: binary KL clamps span probabilities to [0, 1 - SPAN_EPSILON] on the student's side (log(1 - P) stays finite)
@@ -139,16 +140,32 @@ class AlignedChunk:
     def __init__(self, student_spans, teacher_spans, num_spans, teacher_logits, teacher_labels, shared):
         self.student_spans, self.teacher_spans, self.num_spans = student_spans, teacher_spans, int(num_spans)
         self.teacher_logits, self.teacher_labels, self.shared = teacher_logits, teacher_labels, shared
+        self._readers: dict[float, Reader] = {}
 
     def logits(self, like=None, temperature=None) -> torch.Tensor:
         raise TypeError("A cross-tokenizer teacher's logits are over another vocabulary: only the cross-tokenizer "
                         "losses (ULDLoss, HybridLoss, SpanLikelihoodLoss) take them.")
 
+    def reader(self, temperature: float) -> "Reader":
+        """The teacher's log-probabilities at ``temperature`` (a :class:`Reader`, made once per temperature)."""
+        if temperature not in self._readers:
+            self._readers[temperature] = Reader(self.teacher_logits, temperature)
+        return self._readers[temperature]
+
+    def unshared(self, student_vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's and the teacher's token ids outside the shared vocabulary (the hybrid's rest)."""
+        shared_student, shared_teacher = self.shared
+        keep_s = torch.ones(student_vocab_size, dtype=torch.bool, device=shared_student.device)
+        keep_t = torch.ones(self.teacher_logits.shape[1], dtype=torch.bool, device=shared_teacher.device)
+        keep_s[shared_student], keep_t[shared_teacher] = False, False
+        return torch.nonzero(keep_s).flatten(), torch.nonzero(keep_t).flatten()
+
     def cross_entropy_sum(self, labels=None) -> torch.Tensor:
         """The teacher's cross-entropy on its own target tokens in the chunk's spans, summed."""
         if self.teacher_logits.shape[0] == 0:
             return self.teacher_logits.new_zeros(())
-        return F.cross_entropy(self.teacher_logits, self.teacher_labels, reduction="sum", ignore_index=IGNORE_INDEX)
+        rows = torch.arange(self.teacher_logits.shape[0], device=self.teacher_logits.device)
+        return -self.reader(1.0).at(rows, self.teacher_labels).sum()
 
 
 def span_structure(spans: torch.Tensor, num_spans: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,38 +178,101 @@ def span_structure(spans: torch.Tensor, num_spans: int) -> tuple[torch.Tensor, t
     return first, torch.bincount(spans[inside], minlength=num_spans)
 
 
-class SpanSide:
-    """One side's view of a chunk's spans: ``log_probs`` ``(n, V)`` at the loss's temperature, the target tokens
-    ``labels`` ``(n,)`` and the span of each row ``spans`` ``(n,)`` (``-1``: none), with per span (``(m,)`` each):
-    ``log_likelihood`` (the sum of its tokens' log-probabilities), ``first`` (its first row), ``tokens`` (its row
-    count) and ``log_scale`` (the log-probability of its tokens after the first: the merge of the module
-    docstring)."""
+def block(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``values[rows][:, cols]`` ``(len(rows), len(cols))`` for 1-D ``rows`` and ``cols`` (two ``index_select``: on a
+    CPU several times faster than broadcast advanced indexing)."""
+    return values.index_select(0, rows).index_select(1, cols)
 
-    def __init__(self, log_probs: torch.Tensor, spans: torch.Tensor, labels: torch.Tensor, num_spans: int):
+
+def add_block_(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block_values: torch.Tensor,
+               alpha: float = 1.0) -> None:
+    """``values[rows[:, None], cols[None, :]] += alpha * block_values`` in place (one flat ``index_add_``)."""
+    flat = (rows[:, None] * values.shape[1] + cols[None, :]).reshape(-1)
+    values.view(-1).index_add_(0, flat, block_values.reshape(-1), alpha=alpha)
+
+
+class Reader:
+    """One side's log-probabilities at a temperature, ``log softmax(z / T)`` for logits ``z`` ``(n, V)``, read
+    where the losses need them: at a few entries per row (:meth:`at`) or at each row's top-k (:meth:`top_k`).
+
+    Untracked, the reads are ordinary indexing (autograd flows through them when ``z`` requires grad: the dense
+    form of a loss). Tracked, ``z`` is detached and every read of log-probabilities (:attr:`reads`) or of raw logits
+    (:meth:`logits_at`, :attr:`logit_reads`) is a leaf remembered with its indices, so that the loss's gradient with
+    respect to ``z`` can be formed from the leaves' gradients (:meth:`AlignedLoss.fused`)."""
+
+    def __init__(self, logits: torch.Tensor, temperature: float, track: bool = False):
+        self.logits, self.temperature, self.track = logits, float(temperature), track
+        scaled = logits if self.temperature == 1.0 else logits / self.temperature
+        self.values = F.log_softmax(scaled, dim=-1)  # (n, V): one fused kernel, faster than logsumexp on a CPU
+        self.vocab_size = logits.shape[-1]
+        self.reads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.logit_reads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        #: gradients with respect to raw logits a loss formed in closed form: (rows, cols, gradient)
+        self.logit_gradients: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def _leaf(self, value: torch.Tensor, rows, cols, into: list) -> torch.Tensor:
+        if not self.track:
+            return value
+        leaf = value.detach().requires_grad_(True)
+        into.append((rows, cols, leaf))
+        return leaf
+
+    def at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``log q[rows, cols]`` (``rows`` and ``cols`` broadcast, e.g. ``(r, 1)`` and ``(r, c)``)."""
+        return self._leaf(self.values[rows, cols], rows, cols, self.reads)
+
+    def logits_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The raw logits ``z[rows][:, cols]`` ``(len(rows), len(cols))`` for 1-D ``rows`` and ``cols`` (the
+        hybrid's shared part takes logits)."""
+        return self._leaf(block(self.logits, rows, cols), rows, cols, self.logit_reads)
+
+    def top_k(self, rows: torch.Tensor, k: int, columns: torch.Tensor | None = None) -> torch.Tensor:
+        """``(len(rows), k)``: the ``k`` largest log-probabilities of each of ``rows`` (decreasing), among
+        ``columns`` only when given (the hybrid's unshared tokens; ``-inf`` past their number)."""
+        if columns is not None:
+            candidates = block(self.values.detach(), rows, columns)  # (r, C)
+            kept = min(k, columns.shape[0])
+            index = columns[candidates.topk(kept, dim=-1).indices] if kept else \
+                candidates.new_zeros((len(rows), 0), dtype=torch.long)
+            values = self.at(rows[:, None], index)
+            return F.pad(values, (0, k - kept), value=float("-inf"))
+        if 2 * len(rows) >= self.values.shape[0]:  # most rows: one top-k over the whole tensor, no row copy
+            index = self.values.detach().topk(k, dim=-1).indices[rows]
+        else:
+            index = self.values[rows].detach().topk(k, dim=-1).indices
+        return self.at(rows[:, None], index)
+
+
+class SpanSide:
+    """One side's view of a chunk's spans, from its log-probabilities at the loss's temperature (a
+    :class:`Reader`), its target tokens ``labels`` ``(n,)`` and the span of each row ``spans`` ``(n,)`` (``-1``:
+    none), with per span (``(m,)`` each): ``log_likelihood`` (the sum of its tokens' log-probabilities), ``first``
+    (its first row), ``tokens`` (its row count) and ``log_scale`` (the log-probability of its tokens after the
+    first: the merge of the module docstring)."""
+
+    def __init__(self, log_probs: Reader, spans: torch.Tensor, labels: torch.Tensor, num_spans: int):
         self.log_probs = log_probs
+        self.vocab_size = log_probs.vocab_size
         self.first, self.tokens = span_structure(spans, num_spans)
-        inside = spans >= 0
-        token = log_probs.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)  # (n,)
-        total = torch.zeros(num_spans, dtype=log_probs.dtype, device=log_probs.device)
-        self.log_likelihood = total.index_add(0, spans[inside], token[inside])
-        self.log_scale = self.log_likelihood - token[self.first]
+        rows = torch.nonzero(spans >= 0).flatten()
+        targets = labels.clamp_min(0)
+        token = log_probs.at(rows, targets[rows])  # (n_in,)
+        total = torch.zeros(num_spans, dtype=token.dtype, device=token.device)
+        self.log_likelihood = total.index_add(0, spans[rows], token)
+        self.log_scale = self.log_likelihood - log_probs.at(self.first, targets[self.first])
 
     def merged_top_k(self, spans: torch.Tensor, top_k: int) -> torch.Tensor:
         """``(len(spans), top_k)``: the ``top_k`` largest probabilities of each merged span distribution ``q_j``
         (decreasing; zero-padded past the vocabulary). Scaling a row by a constant keeps its order, so the top-k
-        of the first row's log-probabilities is taken and shifted: no ``(m, V)`` copy is made."""
-        rows = self.first[spans]
-        k = min(int(top_k), self.log_probs.shape[-1])
-        values = self.log_probs[rows].topk(k, dim=-1).values if len(rows) < self.log_probs.shape[0] else \
-            self.log_probs.topk(k, dim=-1).values[rows]
+        of the first row's log-probabilities is taken and shifted: no ``(m, V)`` distribution is formed."""
+        k = min(int(top_k), self.vocab_size)
+        values = self.log_probs.top_k(self.first[spans], k)
         return F.pad((values + self.log_scale[spans, None]).exp(), (0, int(top_k) - k))
 
-    def rest_top_k(self, spans: torch.Tensor, excluded: torch.Tensor, top_k: int) -> torch.Tensor:
-        """``(len(spans), top_k)``: the largest probabilities of the spans' first rows outside the token ids
-        ``excluded`` (the hybrid's unshared part of 1:1 spans), zero-padded."""
-        rest = self.log_probs[self.first[spans]].index_fill(1, excluded, float("-inf"))
-        k = min(int(top_k), rest.shape[-1])
-        return F.pad(rest.topk(k, dim=-1).values.exp(), (0, int(top_k) - k))
+    def rest_top_k(self, spans: torch.Tensor, columns: torch.Tensor, top_k: int) -> torch.Tensor:
+        """``(len(spans), top_k)``: the largest probabilities of the spans' first rows among the token ids
+        ``columns`` (the hybrid's unshared part of 1:1 spans), zero-padded."""
+        return self.log_probs.top_k(self.first[spans], int(top_k), columns).exp()
 
 
 def sorted_top_k_distance(q_top: torch.Tensor, p_top: torch.Tensor) -> torch.Tensor:
@@ -201,9 +281,18 @@ def sorted_top_k_distance(q_top: torch.Tensor, p_top: torch.Tensor) -> torch.Ten
     return (q_top - p_top).abs().sum(-1)
 
 
-class _AlignedLoss:
-    """Shared by the cross-tokenizer losses: called by the engine as ``loss(student_logits (n_s, V_s), chunk,
-    labels (n_s,)) -> ()`` (the sum over the chunk's spans, with gradient)."""
+class AlignedLoss:
+    """Shared by the cross-tokenizer losses. The engine calls a loss in one of two forms:
+
+    * ``loss(student_logits (n_s, V_s), chunk, labels (n_s,)) -> ()``: the sum over the chunk's spans with
+      ordinary autograd (the dense reference, and a student with logit post-processing);
+    * :meth:`fused`: the same sum, the student's cross-entropy, and their gradient with respect to the student's
+      logits, formed without autograd over ``(n, V)``: the loss reads the student's log-probabilities at a few
+      entries per row (:class:`Reader`), autograd runs over those reads only, and the log-softmax's backward is
+      applied in closed form, ``dL/dz = (G - softmax(z / T) sum_v G_v) / T`` for ``G = dL/dlog q``.
+
+    A subclass implements :meth:`span_sums` once for both forms.
+    """
 
     aligned = True
 
@@ -212,17 +301,75 @@ class _AlignedLoss:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
         self.temperature = float(temperature)
 
-    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(logits.float() / self.temperature, dim=-1)
+    def teacher_side(self, chunk: AlignedChunk) -> SpanSide:
+        return SpanSide(chunk.reader(self.temperature), chunk.teacher_spans, chunk.teacher_labels, chunk.num_spans)
 
-    def sides(self, student_logits, chunk: AlignedChunk, labels) -> tuple[SpanSide, SpanSide]:
-        """The student's and the teacher's :class:`SpanSide` of the chunk."""
-        return (SpanSide(self.log_probs(student_logits), chunk.student_spans, labels, chunk.num_spans),
-                SpanSide(self.log_probs(chunk.teacher_logits), chunk.teacher_spans, chunk.teacher_labels,
-                         chunk.num_spans))
+    def span_sums(self, student: SpanSide, chunk: AlignedChunk, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(the loss summed over the chunk's spans, the target entropy summed (0 unless reported))``."""
+        raise NotImplementedError
+
+    def __call__(self, student_logits: torch.Tensor, chunk: AlignedChunk, labels: torch.Tensor) -> torch.Tensor:
+        if chunk.num_spans == 0:
+            return student_logits.sum() * 0.0
+        student = SpanSide(Reader(student_logits.float(), self.temperature), chunk.student_spans, labels,
+                           chunk.num_spans)
+        return self.span_sums(student, chunk, with_entropy=False)[0]
+
+    @torch.no_grad()
+    def fused(self, student_logits: torch.Tensor, chunk: AlignedChunk, labels: torch.Tensor, kd_weight: float,
+              ce_weight: float, with_entropy: bool = False):
+        """``(kd sum, ce sum, teacher ce sum, target entropy sum, dL/dz (n, V))`` for ``L = kd_weight * kd +
+        ce_weight * ce`` (CE at temperature 1 over the rows whose label is not ``-100``), ``z`` the student's
+        float32 logits ``(n, V)`` (detached)."""
+        z = student_logits.float()
+        zero = z.new_zeros(())
+        kd, entropy = zero, zero
+        reader = Reader(z, self.temperature, track=True)
+        grads, logit_grads = [], []
+        if chunk.num_spans:
+            with torch.enable_grad():
+                student = SpanSide(reader, chunk.student_spans, labels, chunk.num_spans)
+                kd, entropy = self.span_sums(student, chunk, with_entropy)
+                leaves = [leaf for _, _, leaf in reader.reads + reader.logit_reads]
+                found = torch.autograd.grad(kd, leaves, allow_unused=True) if kd.requires_grad else [None] * len(leaves)
+            grads, logit_grads = found[:len(reader.reads)], found[len(reader.reads):]
+        # the log-softmax's backward: -softmax(z / T) * (sum of the row's log-probability gradients), then the reads
+        row_sums = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        sparse = []
+        for (rows, cols, _), grad in zip(reader.reads, grads):
+            if grad is not None:
+                rows_b, cols_b = torch.broadcast_tensors(rows, cols)
+                row_sums.index_add_(0, rows_b.reshape(-1), grad.reshape(-1))
+                sparse.append((rows_b, cols_b, grad))
+        valid = labels != IGNORE_INDEX
+        targets = labels.clamp_min(0)
+        ce_sum = zero
+        if self.temperature == 1.0:  # CE at T = 1 reads the same log-probabilities
+            ce_sum = -reader.values.gather(1, targets[:, None]).squeeze(1)[valid].sum()
+        grad_z = reader.values.exp_()  # softmax(z / T), in place: every read above is a copy
+        scale = -kd_weight / self.temperature * row_sums
+        if self.temperature == 1.0:
+            # and shares the softmax: (ce_weight * valid - kd_weight * row_sums) * softmax - ce_weight * onehot
+            grad_z.mul_((scale + ce_weight * valid.float())[:, None])
+        else:
+            grad_z.mul_(scale[:, None])
+            if valid.any():
+                log_p1 = F.log_softmax(z[valid], dim=-1)
+                ce_sum = -log_p1.gather(1, labels[valid][:, None]).sum()
+                grad_z[valid] += ce_weight * log_p1.exp_()
+        if valid.any() and ce_weight != 0.0:
+            rows = torch.nonzero(valid).flatten()
+            grad_z.index_put_((rows, labels[rows]), torch.full_like(rows, -ce_weight, dtype=z.dtype), accumulate=True)
+        for rows_b, cols_b, grad in sparse:
+            grad_z.index_put_((rows_b, cols_b), grad * (kd_weight / self.temperature), accumulate=True)
+        logit_gradients = [(rows, cols, grad) for (rows, cols, _), grad in zip(reader.logit_reads, logit_grads)
+                           if grad is not None] + reader.logit_gradients
+        for rows, cols, grad in logit_gradients:  # of the raw logits (the hybrid's shared part): unique entries
+            add_block_(grad_z, rows, cols, grad, alpha=kd_weight)
+        return kd.detach(), ce_sum, chunk.cross_entropy_sum(), entropy.detach(), grad_z
 
 
-class ULDLoss(_AlignedLoss):
+class ULDLoss(AlignedLoss):
     """ULD on aligned spans (module docstring), truncated to the ``top_k`` largest probabilities of each side."""
 
     def __init__(self, top_k: int = 64, temperature: float = 1.0):
@@ -231,16 +378,15 @@ class ULDLoss(_AlignedLoss):
             raise ValueError(f"top_k must be >= 1, got {top_k}.")
         self.top_k = int(top_k)
 
-    def __call__(self, student_logits: torch.Tensor, chunk: AlignedChunk, labels: torch.Tensor) -> torch.Tensor:
-        if chunk.num_spans == 0:
-            return student_logits.sum() * 0.0
-        student, teacher = self.sides(student_logits, chunk, labels)
-        every = torch.arange(chunk.num_spans, device=student_logits.device)
-        return sorted_top_k_distance(student.merged_top_k(every, self.top_k),
-                                     teacher.merged_top_k(every, self.top_k)).sum()
+    def span_sums(self, student, chunk, with_entropy):
+        teacher = self.teacher_side(chunk)
+        every = torch.arange(chunk.num_spans, device=student.first.device)
+        total = sorted_top_k_distance(student.merged_top_k(every, self.top_k),
+                                      teacher.merged_top_k(every, self.top_k)).sum()
+        return total, total.new_zeros(())
 
 
-class HybridLoss(_AlignedLoss):
+class HybridLoss(AlignedLoss):
     """GOLD's hybrid (module docstring): ``shared_loss`` on the shared vocabulary of 1:1 spans, ULD elsewhere.
 
     Args:
@@ -264,55 +410,63 @@ class HybridLoss(_AlignedLoss):
         rest = 1.0 - shared if self.rest_weight is None else self.rest_weight
         return float(shared), float(rest)
 
-    def __call__(self, student_logits: torch.Tensor, chunk: AlignedChunk, labels: torch.Tensor) -> torch.Tensor:
-        return self._sums(student_logits, chunk, labels, with_entropy=False)[0]
-
     def _with_target_entropy(self, student_logits, chunk, labels) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss sum, sum of the shared loss's target entropy over the 1:1 spans)`` (a shared loss that reports
         it, such as TAID's; see :meth:`~llmkd.losses.TAIDTokenLoss.with_target_entropy`)."""
-        return self._sums(student_logits, chunk, labels, with_entropy=True)
-
-    def _sums(self, student_logits, chunk, labels, *, with_entropy: bool):
-        entropy = student_logits.new_zeros((), dtype=torch.float32)
         if chunk.num_spans == 0:
-            return student_logits.sum() * 0.0, entropy
+            return student_logits.sum() * 0.0, student_logits.new_zeros(())
+        student = SpanSide(Reader(student_logits.float(), self.temperature), chunk.student_spans, labels,
+                           chunk.num_spans)
+        return self.span_sums(student, chunk, with_entropy=True)
+
+    def span_sums(self, student, chunk, with_entropy):
         if chunk.shared is None:
             raise ValueError("HybridLoss needs the shared vocabulary (AlignedTeacher(shared=...)).")
         shared_student, shared_teacher = chunk.shared
-        student, teacher = self.sides(student_logits, chunk, labels)
+        rest_student, rest_teacher = chunk.unshared(student.vocab_size)
+        teacher = self.teacher_side(chunk)
+        entropy = torch.zeros((), device=student.first.device)
         one_to_one = (student.tokens == 1) & (teacher.tokens == 1)
-        spans = torch.arange(chunk.num_spans, device=student_logits.device)
-        total = student_logits.new_zeros((), dtype=torch.float32)
+        spans = torch.arange(chunk.num_spans, device=student.first.device)
+        total = torch.zeros((), device=student.first.device)
         if not one_to_one.all():
             others = spans[~one_to_one]
             total = sorted_top_k_distance(student.merged_top_k(others, self.top_k),
                                           teacher.merged_top_k(others, self.top_k)).sum()
         if one_to_one.any():
             singles = spans[one_to_one]
-            z_s = student_logits[student.first[singles][:, None], shared_student[None, :]].float()  # (m1, S)
-            z_t = chunk.teacher_logits[teacher.first[singles][:, None], shared_teacher[None, :]]
-            if with_entropy:
+            rows = student.first[singles]
+            z_t = block(chunk.teacher_logits, teacher.first[singles], shared_teacher)  # (m1, S)
+            shared_weight, rest_weight = self.weights(shared_student.shape[0], chunk.teacher_logits.shape[1])
+            closed_form = getattr(self.shared_loss, "fused_kl", lambda: None)() if student.log_probs.track else None
+            if closed_form is not None and not with_entropy:  # forward KL: value and gradient in closed form
+                z_s = block(student.log_probs.logits, rows, shared_student)
+                workspace = ChunkWorkspace(z_s.shape[0], z_s.shape[1], z_s.device)
+                shared_part, _, _, _, grad = fused_kl_ce_chunk(z_s, z_t, None, closed_form, shared_weight, 0.0,
+                                                               workspace)
+                student.log_probs.logit_gradients.append((rows, shared_student, grad))
+            elif with_entropy:
+                z_s = student.log_probs.logits_at(rows, shared_student)  # (m1, S)
                 per_token, target_entropy = self.shared_loss.with_target_entropy(z_s, z_t)
                 shared_part, entropy = per_token.sum(), target_entropy.detach().sum()
             else:
+                z_s = student.log_probs.logits_at(rows, shared_student)  # (m1, S)
                 shared_part = self.shared_loss(z_s, z_t).sum()
-            rest = sorted_top_k_distance(student.rest_top_k(singles, shared_student, self.top_k),
-                                         teacher.rest_top_k(singles, shared_teacher, self.top_k)).sum()
-            shared_weight, rest_weight = self.weights(shared_student.shape[0], chunk.teacher_logits.shape[1])
+            rest = sorted_top_k_distance(student.rest_top_k(singles, rest_student, self.top_k),
+                                         teacher.rest_top_k(singles, rest_teacher, self.top_k)).sum()
             total = total + shared_weight * shared_part + rest_weight * rest
         return total, entropy
 
 
-class SpanLikelihoodLoss(_AlignedLoss):
+class SpanLikelihoodLoss(AlignedLoss):
     """ALM's span likelihood matching (module docstring): the binary KL between Bernoulli(``P_t(span)``) and
     Bernoulli(``P_s(span)``), summed over spans; the student's span probability is clamped to
     ``1 - SPAN_EPSILON``."""
 
-    def __call__(self, student_logits: torch.Tensor, chunk: AlignedChunk, labels: torch.Tensor) -> torch.Tensor:
-        if chunk.num_spans == 0:
-            return student_logits.sum() * 0.0
-        student, teacher = self.sides(student_logits, chunk, labels)
-        return binary_kl(teacher.log_likelihood, student.log_likelihood).sum()
+    def span_sums(self, student, chunk, with_entropy):
+        teacher = self.teacher_side(chunk)
+        total = binary_kl(teacher.log_likelihood, student.log_likelihood).sum()
+        return total, total.new_zeros(())
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,7 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
         # total, kd, ce, teacher ce, block loss, target entropy
         totals = torch.zeros(6, dtype=torch.float32, device=student_hidden.device)
         kl = _fused_kl(objective.token_loss, plan.student_transform)
+        aligned = _fused_aligned(objective.token_loss, plan.student_transform)
         workspace = None
         if kl is not None:
             workspace = ChunkWorkspace(max(end - start for start, end in plan.chunks) if plan.chunks else 0,
@@ -173,6 +174,13 @@ class _ChunkedDistillationFunction(torch.autograd.Function):
         for start, end in plan.chunks:
             chunk_labels = None if labels is None else labels[start:end]
             hidden_chunk = student_hidden[start:end].detach()
+            if aligned is not None:
+                grad_logits, sums = _aligned_chunk(hidden_chunk, head, teacher.chunk(start, end, vocab_size),
+                                                   vocab_size, chunk_labels, aligned, objective)
+                totals += sums
+                _accumulate_head_grads(grad_logits, hidden_chunk, head, vocab_size, start, end,
+                                       (grad_hidden, grad_weight, grad_bias))
+                continue
             if kl is not None:
                 grad_logits, sums = _fused_chunk(hidden_chunk, head, teacher.chunk(start, end, vocab_size, workspace),
                                                  vocab_size, chunk_labels, kl, objective, workspace)
@@ -233,6 +241,27 @@ def _fused_kl(token_loss, student_transform) -> FusedKL | None:
     if describe is None or not student_transform.is_identity:
         return None
     return describe()
+
+
+def _fused_aligned(token_loss, student_transform):
+    """A cross-tokenizer loss's closed-form path (:meth:`~llmkd.losses.cross_tokenizer.AlignedLoss.fused`), or None
+    where autograd must run (a student logit post-processing)."""
+    fused = getattr(token_loss, "fused", None) if getattr(token_loss, "aligned", False) else None
+    return fused if fused is not None and student_transform.is_identity else None
+
+
+def _aligned_chunk(hidden, head, chunk, vocab_size, labels, fused, objective: DistillationObjective):
+    """One chunk of a cross-tokenizer loss on its closed-form path: the gradient with respect to the student's
+    logits ``(n, V)`` and the chunk's sums as a float32 ``(6,)`` tensor (as :func:`_fused_chunk`)."""
+    if labels is None:
+        raise ValueError("Cross-tokenizer losses need the student's target tokens (labels).")
+    with torch.no_grad():
+        student_logits = project(hidden, head[0].detach(), None if head[1] is None else head[1].detach(), IDENTITY,
+                                 vocab_size)
+    kd_sum, ce_sum, teacher_ce_sum, entropy_sum, grad = fused(student_logits, chunk, labels, objective.kd_weight,
+                                                              objective.ce_weight, objective.reports_target_entropy)
+    total = objective.kd_weight * kd_sum + objective.ce_weight * ce_sum
+    return grad, torch.stack([total, kd_sum, ce_sum, teacher_ce_sum, kd_sum.new_zeros(()), entropy_sum]).float()
 
 
 def _fused_chunk(hidden, head, chunk, vocab_size, labels, kl: FusedKL, objective: DistillationObjective, workspace):
