@@ -36,16 +36,24 @@ def bound(terms: int, scale: float = 1.0) -> float:
     return terms * EPS32 * scale
 
 
-def random_batch(seed: int, *, vocab_s=37, vocab_t=50, hidden=16, spans=18):
+def random_batch(seed: int, *, vocab_s=37, vocab_t=50, hidden=16, spans=18, shared="subset"):
     """N student rows and N_t teacher rows over ``spans`` spans of 1-3 tokens a side, with student rows in no
-    span between them; hidden states and heads for both models; a shared vocabulary of 12 pairs."""
+    span between them; hidden states and heads for both models; a shared vocabulary of 12 pairs (``shared`` =
+    "subset"), every student token paired with a teacher token in shuffled order ("complete"), or one vocabulary
+    under the same ids with every span 1:1 ("identical": the selections the loss makes are all the identity)."""
     generator = torch.Generator().manual_seed(seed)
+    if shared == "identical":
+        vocab_t = vocab_s
 
     def randint(low, high):
         return int(torch.randint(low, high, (1,), generator=generator))
 
     student_spans, teacher_spans = [], []
     for span in range(spans):
+        if shared == "identical":
+            student_spans.append(span)
+            teacher_spans.append(span)
+            continue
         if randint(0, 3) == 0:
             student_spans.append(-1)  # an unaligned student token (CE only)
         student_spans += [span] * randint(1, 4)
@@ -61,8 +69,12 @@ def random_batch(seed: int, *, vocab_s=37, vocab_t=50, hidden=16, spans=18):
         "teacher_labels": torch.randint(0, vocab_t, (n_t,), generator=generator),
         "student_spans": student_spans,
         "teacher_spans": teacher_spans,
-        "shared": (torch.randperm(vocab_s, generator=generator)[:12],
-                   torch.randperm(vocab_t, generator=generator)[:12]),
+        "shared": {
+            "subset": lambda: (torch.randperm(vocab_s, generator=generator)[:12],
+                               torch.randperm(vocab_t, generator=generator)[:12]),
+            "complete": lambda: (torch.arange(vocab_s), torch.randperm(vocab_t, generator=generator)[:vocab_s]),
+            "identical": lambda: (torch.arange(vocab_s), torch.arange(vocab_s)),
+        }[shared](),
     }
 
 
@@ -132,7 +144,21 @@ KINDS = ["uld", "hybrid", "hybrid_fkl", "span"]
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 8), (2.0, 64)])
 @pytest.mark.parametrize("chunk_size", [1, 5, None])
 def test_engine_matches_naive_reference(kind, temperature, top_k, chunk_size):
-    batch = random_batch(0)
+    check_against_naive(random_batch(0), kind, temperature, top_k, chunk_size)
+
+
+@pytest.mark.parametrize("kind", ["hybrid", "hybrid_fkl"])
+@pytest.mark.parametrize("shared", ["complete", "identical"])
+@pytest.mark.parametrize("chunk_size", [5, None])
+def test_hybrid_with_a_complete_shared_vocabulary(kind, shared, chunk_size):
+    """The hybrid skips the selections that are the identity (a complete shared vocabulary, every row a 1:1 span):
+    the same values and gradients, and the teacher's logits are not overwritten by the closed form."""
+    batch = random_batch(1, shared=shared)
+    check_against_naive(batch, kind, 1.0, 8, chunk_size)
+    check_against_naive(batch, kind, 2.0, 64, chunk_size)
+
+
+def check_against_naive(batch, kind, temperature, top_k, chunk_size):
     shared_loss = (get_divergence("fkl", temperature=temperature) if kind == "hybrid_fkl" else
                    get_divergence("jsd", temperature=temperature, beta=0.5))
     token_loss = loss_object(kind, temperature, top_k, shared_loss)
@@ -158,6 +184,7 @@ def test_engine_matches_naive_reference(kind, temperature, top_k, chunk_size):
     kd = naive_loss(kind, student_logits, teacher_logits, batch, temperature=temperature, top_k=top_k,
                     shared_loss=shared_loss)
     ce = torch.nn.functional.cross_entropy(student_logits, batch["labels"], reduction="sum")
+    teacher_ce = torch.nn.functional.cross_entropy(teacher_logits, batch["teacher_labels"], reduction="sum")
     reference = (0.7 * kd + 0.3 * ce) / normalizer
     reference.backward()
 
@@ -168,6 +195,7 @@ def test_engine_matches_naive_reference(kind, temperature, top_k, chunk_size):
         assert float(result.loss.detach()) == pytest.approx(float(reference), abs=bound(terms, scale))
         assert float(result.kd_sum) == pytest.approx(float(kd), abs=bound(terms, float(kd.abs()) + 1.0))
         assert float(result.ce_sum) == pytest.approx(float(ce), abs=bound(terms, float(ce) + 1.0))
+        assert float(result.teacher_ce_sum) == pytest.approx(float(teacher_ce), abs=bound(terms, float(teacher_ce) + 1))
         torch.testing.assert_close(grad_hidden.double(), hidden.grad, rtol=0, atol=bound(terms, 10.0))
         torch.testing.assert_close(grad_weight.double(), weight.grad, rtol=0, atol=bound(terms, 10.0))
     assert float(kd) > 0.01  # the inputs do exercise the loss

@@ -178,15 +178,33 @@ def span_structure(spans: torch.Tensor, num_spans: int) -> tuple[torch.Tensor, t
     return first, torch.bincount(spans[inside], minlength=num_spans)
 
 
+def covers(index: torch.Tensor, size: int) -> bool:
+    """Whether the 1-D ``index`` is exactly ``0..size-1`` (selecting by it is the identity; an ``O(size)`` check
+    that saves an ``O(rows x size)`` copy)."""
+    return index.shape[0] == size and (size == 0 or bool(torch.equal(index, torch.arange(size, device=index.device))))
+
+
 def block(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``values[rows][:, cols]`` ``(len(rows), len(cols))`` for 1-D ``rows`` and ``cols`` (two ``index_select``: on a
-    CPU several times faster than broadcast advanced indexing)."""
-    return values.index_select(0, rows).index_select(1, cols)
+    CPU several times faster than broadcast advanced indexing). A selection that is the identity is skipped, so the
+    result may be ``values`` itself: a caller that writes into it copies it first."""
+    if not covers(rows, values.shape[0]):
+        values = values.index_select(0, rows)
+    if not covers(cols, values.shape[1]):
+        values = values.index_select(1, cols)
+    return values
 
 
 def add_block_(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block_values: torch.Tensor,
                alpha: float = 1.0) -> None:
-    """``values[rows[:, None], cols[None, :]] += alpha * block_values`` in place (one flat ``index_add_``)."""
+    """``values[rows[:, None], cols[None, :]] += alpha * block_values`` in place for unique ``rows`` and ``cols``
+    (one flat ``index_add_``; a row-wise ``index_add_`` or a plain ``add_`` when ``cols`` or both are complete)."""
+    if covers(cols, values.shape[1]):
+        if covers(rows, values.shape[0]):
+            values.add_(block_values, alpha=alpha)
+        else:
+            values.index_add_(0, rows, block_values, alpha=alpha)
+        return
     flat = (rows[:, None] * values.shape[1] + cols[None, :]).reshape(-1)
     values.view(-1).index_add_(0, flat, block_values.reshape(-1), alpha=alpha)
 
@@ -304,7 +322,8 @@ class AlignedLoss:
     def teacher_side(self, chunk: AlignedChunk) -> SpanSide:
         return SpanSide(chunk.reader(self.temperature), chunk.teacher_spans, chunk.teacher_labels, chunk.num_spans)
 
-    def span_sums(self, student: SpanSide, chunk: AlignedChunk, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def span_sums(self, student: SpanSide, chunk: AlignedChunk,
+                  with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``(the loss summed over the chunk's spans, the target entropy summed (0 unless reported))``."""
         raise NotImplementedError
 
@@ -441,6 +460,8 @@ class HybridLoss(AlignedLoss):
             closed_form = getattr(self.shared_loss, "fused_kl", lambda: None)() if student.log_probs.track else None
             if closed_form is not None and not with_entropy:  # forward KL: value and gradient in closed form
                 z_s = block(student.log_probs.logits, rows, shared_student)
+                if z_t is chunk.teacher_logits:  # the kernel overwrites its teacher logits
+                    z_t = z_t.clone()
                 workspace = ChunkWorkspace(z_s.shape[0], z_s.shape[1], z_s.device)
                 shared_part, _, _, _, grad = fused_kl_ce_chunk(z_s, z_t, None, closed_form, shared_weight, 0.0,
                                                                workspace)
