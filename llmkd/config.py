@@ -223,6 +223,17 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
             same ``temperature``.
         cache_shard_rows: dataset rows per cache shard (1024).
 
+    Parameters of a teacher behind an inference server (docs/SERVED_TEACHERS.md):
+        teacher_server: the base URL of a vLLM server serving the teacher (``vllm serve TEACHER --max-logprobs K``),
+            e.g. ``http://127.0.0.1:8000``: training reads the teacher's top-k log-probabilities of each batch
+            from it (no teacher in the training process), and ``llmkd cache-teacher`` writes its cache from it.
+        teacher_server_model: the served model name (None: the only one the server serves).
+        teacher_server_top_k: log-probabilities per position asked for in training (20, vLLM's default
+            ``--max-logprobs``); the cache writer asks for ``cache_top_k``. The API key, if the server needs one, is
+            read from the environment variable ``LLMKD_TEACHER_SERVER_API_KEY`` (never from a recipe).
+        teacher_server_concurrency: requests in flight (8); teacher_server_timeout: seconds per request (120);
+            teacher_server_retries: retries of a failed request, with exponential backoff (5).
+
     Parameters of a teacher with another tokenizer (docs/CROSS_TOKENIZER.md):
         cross_tokenizer_loss: None (default: the teacher must share the student's tokenizer), or the loss on the
             spans where the two tokenizations align: ``uld`` (sorted-probability distance), ``hybrid`` (the
@@ -306,6 +317,14 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
     cache_top_k: int = field(default=64, metadata={"help": "Top-k tokens per position when writing a cache."})
     cache_temperature: float = field(default=1.0, metadata={"help": "Temperature of the cached log-probs."})
     cache_shard_rows: int = field(default=1024, metadata={"help": "Dataset rows per cache shard."})
+    # teacher behind an inference server
+    teacher_server: str | None = field(default=None, metadata={
+        "help": "URL of a vLLM server serving the teacher (docs/SERVED_TEACHERS.md)."})
+    teacher_server_model: str | None = field(default=None, metadata={"help": "The served teacher's model name."})
+    teacher_server_top_k: int = field(default=20, metadata={"help": "Log-probs per position asked of the server."})
+    teacher_server_concurrency: int = field(default=8, metadata={"help": "Requests in flight to the server."})
+    teacher_server_timeout: float = field(default=120.0, metadata={"help": "Seconds per request to the server."})
+    teacher_server_retries: int = field(default=5, metadata={"help": "Retries of a failed server request."})
     # loss
     divergence: str = field(default="fkl", metadata={
         "help": "fkl, rkl, jsd, skew_fkl, skew_rkl, tvd or abkd (also accepted: kl and forward_kl = fkl, reverse_kl = "
@@ -359,6 +378,10 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
                              f"{self.cross_tokenizer_loss!r}.")
         if self.cross_tokenizer_top_k < 1:
             raise ValueError(f"cross_tokenizer_top_k must be >= 1, got {self.cross_tokenizer_top_k}.")
+        if self.teacher_server_top_k < 1 or self.teacher_server_concurrency < 1 or self.teacher_server_retries < 0 \
+                or self.teacher_server_timeout <= 0:
+            raise ValueError("teacher_server_top_k and teacher_server_concurrency must be >= 1, "
+                             "teacher_server_retries >= 0 and teacher_server_timeout > 0.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}.")
         self.check_on_policy_fields()

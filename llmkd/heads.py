@@ -48,6 +48,12 @@ def output_head(model: nn.Module) -> nn.Module:
     return head
 
 
+def head_rows(model: nn.Module) -> int:
+    """The number of rows (scored tokens) of ``model``'s output head, also when ZeRO-3 partitions it."""
+    weight = output_head(model).weight
+    return int(weight.ds_shape[0] if hasattr(weight, "ds_id") else weight.shape[0])
+
+
 def _text_config(model: nn.Module):
     config = unwrap_model(model).config
     return config.get_text_config() if hasattr(config, "get_text_config") else config

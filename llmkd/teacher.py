@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .heads import head_parameters, output_head, unwrap_model
+from .heads import head_parameters, head_rows, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,7 @@ def aligned_vocab_size(student: nn.Module, teacher: nn.Module, student_tokenizer
     error.
     """
     check_same_tokenizer(student_tokenizer, teacher_tokenizer)
-    student_rows = output_head(student).weight.shape[0] if not _is_partitioned(output_head(student).weight) else \
-        output_head(student).weight.ds_shape[0]
-    teacher_weight = output_head(teacher).weight
-    teacher_rows = teacher_weight.ds_shape[0] if _is_partitioned(teacher_weight) else teacher_weight.shape[0]
+    student_rows, teacher_rows = head_rows(student), head_rows(teacher)
     size = min(student_rows, teacher_rows)
     tokenizer = student_tokenizer if student_tokenizer is not None else teacher_tokenizer
     if tokenizer is not None:

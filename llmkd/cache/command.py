@@ -3,6 +3,7 @@
     llmkd cache-teacher --config RECIPE.yaml [--output_dir PATH] [--batch_size N] [--logprob_bits B]
                         [--split train|eval] [--field value ...]
     accelerate launch [--config_file recipes/accelerate/zero3.yaml] -m llmkd cache-teacher --config RECIPE.yaml
+    llmkd cache-teacher --config RECIPE.yaml --teacher_server http://127.0.0.1:8000   # a served teacher
     llmkd cache-teacher --verify PATH
 
 The recipe is read like ``llmkd train``'s (any config field can be overridden, e.g. ``--cache_top_k 32``); the
@@ -11,6 +12,11 @@ prepared with the tokenizer the trainer uses (the student's when the recipe name
 ``max_length`` / ``completion_only_loss``, and k, temperature and shard size come from ``cache_top_k``,
 ``cache_temperature`` and ``cache_shard_rows``. The cache goes to ``--output_dir`` (default: the recipe's
 ``teacher_cache``).
+
+With ``teacher_server`` (a recipe field or ``--teacher_server URL``) the teacher is a vLLM server
+(docs/SERVED_TEACHERS.md): no teacher is loaded here, its tokenizer is checked against the run's, and the same
+cache is written from its top-k log-probabilities (temperature 1), ``--batch_size`` rows of requests at a time
+(default ``4 * teacher_server_concurrency``). A rerun after a failure resumes from the shards written.
 """
 
 from __future__ import annotations
@@ -87,9 +93,13 @@ def write(known, overrides: list[str]) -> int:
     if not output_dir:
         raise SystemExit("llmkd cache-teacher: no output folder: pass --output_dir PATH or set teacher_cache in the "
                          "recipe.")
-    if not config.teacher_model_name_or_path:
-        raise SystemExit("llmkd cache-teacher: the recipe names no teacher (teacher_model_name_or_path).")
-    batch_size = known.batch_size or config.per_device_eval_batch_size
+    served = bool(config.teacher_server)
+    if not config.teacher_model_name_or_path and not served:
+        raise SystemExit("llmkd cache-teacher: the recipe names no teacher (teacher_model_name_or_path, or "
+                         "teacher_server for a served one).")
+    # a served teacher: waves of requests, several per request slot in flight
+    batch_size = known.batch_size or (4 * config.teacher_server_concurrency if served
+                                      else config.per_device_eval_batch_size)
     accelerator = Accelerator(deepspeed_plugin=getattr(config, "deepspeed_plugin", None))
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if is_deepspeed:
@@ -99,9 +109,14 @@ def write(known, overrides: list[str]) -> int:
     cross = config.cross_tokenizer_loss is not None and teacher_tokenizer is not None
     if not cross:
         check_same_tokenizer(tokenizer, teacher_tokenizer)
-    teacher = _load_teacher(config, teacher_tokenizer or tokenizer)  # the tokenizer is not loaded twice
-    teacher = prepare_teacher(teacher, accelerator, is_deepspeed=is_deepspeed,
-                              is_fsdp=accelerator.distributed_type == DistributedType.FSDP)
+    if served:  # its tokenizer is checked against the run's by write_teacher_cache, before any scoring request
+        from ..teacher_server import TeacherServer
+
+        teacher = TeacherServer.from_config(config)
+    else:
+        teacher = _load_teacher(config, teacher_tokenizer or tokenizer)  # the tokenizer is not loaded twice
+        teacher = prepare_teacher(teacher, accelerator, is_deepspeed=is_deepspeed,
+                                  is_fsdp=accelerator.distributed_type == DistributedType.FSDP)
 
     train, evaluation = load_dataset_splits(config)
     dataset = train if known.split == "train" else evaluation
@@ -134,7 +149,8 @@ def write(known, overrides: list[str]) -> int:
     started = time.monotonic()
     cache = write_teacher_cache(
         teacher, prepared, tokenizer, output_dir, top_k=top_k, temperature=config.cache_temperature,
-        shard_rows=config.cache_shard_rows, batch_size=batch_size, teacher_name=config.teacher_model_name_or_path,
+        shard_rows=config.cache_shard_rows, batch_size=batch_size,
+        teacher_name=teacher.model_root if served else config.teacher_model_name_or_path,
         teacher_revision=config.teacher_revision, accelerator=accelerator, logprob_bits=known.logprob_bits,
         source=source, progress=not config.disable_tqdm, teacher_tokenizer=teacher_tokenizer if cross else None,
     )
@@ -152,6 +168,8 @@ def _tokenizers(config):
 
     if not config.model_name_or_path:
         return teacher_processing_class(config), None
+    if not config.teacher_model_name_or_path:  # a served teacher with the student's tokenizer
+        return student_processing_class(config), None
     return student_processing_class(config), tokenizer_of(teacher_processing_class(config))
 
 

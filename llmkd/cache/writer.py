@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..heads import unwrap_model
 from ..loading import tokenizer_of
 from ..cross_tokenizer.dataset import is_aligned, teacher_view
+from ..teacher_server import TeacherServer
 from .distributed import Ranks, is_partitioned
 from .encoding import EncodedTokens, TokenEncoding
 from .errors import CacheMismatchError
@@ -53,6 +54,7 @@ from .fingerprint import (
 from .metadata import build_metadata, make_plan, plan_differences
 from .reader import TeacherCache
 from .shard import open_shard, serialize_shard
+from .served_pass import ServedTeacherPass
 from .teacher_pass import TeacherPass
 
 logger = logging.getLogger(__name__)
@@ -83,7 +85,9 @@ def write_teacher_cache(
     Resumable: rerun with the same arguments after a crash and only the missing shards are computed.
 
     Args:
-        teacher: the teacher, placed for the run (on its device; a ZeRO-3/FSDP engine; a bitsandbytes model).
+        teacher: the teacher, placed for the run (on its device; a ZeRO-3/FSDP engine; a bitsandbytes model), or a
+            :class:`~llmkd.teacher_server.TeacherServer` (its tokenizer and context are checked first; temperature
+            1 only, see :class:`~llmkd.cache.served_pass.ServedTeacherPass`).
         prepared_dataset: the rows as :func:`llmkd.data.prepare_dataset` returns them; row ``i``'s cached tokens
             are the positions ``j`` with ``labels[j + 1] != -100``, in order.
         tokenizer: the tokenizer (or processor) the dataset was prepared with.
@@ -148,14 +152,20 @@ def write_teacher_cache(
         else side_tokenizer.eos_token_id
     if pad_token_id is None:
         raise ValueError("The tokenizer has neither a pad token nor an eos token: set tokenizer.pad_token first.")
-    runner = TeacherPass(teacher, teacher_rows, hashed_columns(teacher_rows), encoding, temperature,
-                         batch_size, pad_token_id, _device(teacher))
-    unwrap_model(teacher).eval()
     lengths = row_lengths(teacher_rows)
+    served = isinstance(teacher, TeacherServer)
+    if served:  # checked before any request: the server's tokenizer and context
+        teacher.check_tokenizer(side_tokenizer)
+        teacher.check_lengths(lengths)
+        runner = ServedTeacherPass(teacher, teacher_rows, encoding, temperature, batch_size)
+    else:
+        runner = TeacherPass(teacher, teacher_rows, hashed_columns(teacher_rows), encoding, temperature,
+                             batch_size, pad_token_id, _device(teacher))
+        unwrap_model(teacher).eval()
     plans = {s: runner.batches(*shard_bounds(s, shard_rows, len(prepared_dataset)),
                                lengths[slice(*shard_bounds(s, shard_rows, len(prepared_dataset)))]) for s in todo}
     forwards = sum(len(b) for b in plans.values())
-    lockstep = ranks.world > 1 and is_partitioned(teacher)
+    lockstep = ranks.world > 1 and not served and is_partitioned(teacher)
     total_forwards = ranks.max(forwards) if lockstep else forwards
     if lockstep:
         logger.info("The teacher is partitioned across %d processes (ZeRO-3/FSDP): process %d runs %d forwards, %d "
@@ -247,6 +257,8 @@ def _finalize(output_dir: Path, plan: dict, encoding: TokenEncoding) -> None:
 
 
 def _model_name(teacher) -> str:
+    if isinstance(teacher, TeacherServer):
+        return teacher.model_root
     model = unwrap_model(teacher)
     config = getattr(model, "config", None)
     return getattr(config, "_name_or_path", None) or type(model).__name__

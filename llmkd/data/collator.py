@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Number
 
@@ -30,6 +30,8 @@ class DistillDataCollator:
         padded_columns: ``{column: padding value}`` of further columns holding one sequence of ints per row, of
             any length, padded on ``padding_side`` to the longest in the batch (a cross-tokenizer run's teacher
             tokens and spans).
+        on_batch: called with each finished batch, as it is built (a served teacher requests the batch's scores
+            here, ahead of the step that trains on it); None: nothing.
 
     Each feature is a dict with ``input_ids`` (``T_i`` ints) and optionally ``attention_mask`` (``T_i``, default all
     ones) and ``labels`` (``T_i``, unshifted; default ``input_ids`` with ``-100`` where ``attention_mask`` is 0).
@@ -46,6 +48,7 @@ class DistillDataCollator:
     pad_to_multiple_of: int | None = None
     padding_side: str = "right"
     padded_columns: dict[str, int] | None = None
+    on_batch: Callable[[dict], None] | None = None
 
     def __post_init__(self):
         if self.pad_token_id is None:
@@ -113,6 +116,8 @@ class DistillDataCollator:
             for t in tensors[1:]:
                 dtype = torch.promote_types(dtype, t.dtype)
             batch[key] = torch.stack([t.to(dtype) for t in tensors])
+        if self.on_batch is not None:
+            self.on_batch(batch)
         return batch
 
 

@@ -5,6 +5,8 @@ it has (:class:`TeacherSignal` is the interface):
 
 * :class:`OnlineTeacher`: a teacher model run at every step, in any placement (a device, ZeRO-3, FSDP, 4/8-bit);
 * :class:`CachedTeacher`: the teacher's top-k distributions read from an offline cache (``llmkd cache-teacher``);
+* :class:`ServedTeacher`: the teacher's top-k log-probabilities of each batch from an inference server
+  (docs/SERVED_TEACHERS.md);
 * :class:`CrossTokenizerTeacher`: a local teacher model with another tokenizer (aligned spans,
   docs/CROSS_TOKENIZER.md).
 """
@@ -13,5 +15,6 @@ from .base import TeacherSignal
 from .cached import CACHE_ROW, CachedTeacher
 from .cross_tokenizer import CrossTokenizerTeacher
 from .online import OnlineTeacher
+from .served import ServedTeacher
 
-__all__ = ["CACHE_ROW", "CachedTeacher", "CrossTokenizerTeacher", "OnlineTeacher", "TeacherSignal"]
+__all__ = ["CACHE_ROW", "CachedTeacher", "CrossTokenizerTeacher", "OnlineTeacher", "ServedTeacher", "TeacherSignal"]

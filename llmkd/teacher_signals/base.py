@@ -52,6 +52,10 @@ class TeacherSignal:
         trainer's. Default: unchanged (a teacher with another tokenizer replaces the token loss)."""
         return objective
 
+    def prefetch(self, batch: dict) -> None:
+        """Called by the collator with each batch as it is built, ahead of the step that trains on it (a served
+        teacher sends the batch's requests here). Default: nothing."""
+
     def completions_batch(self, batch: dict) -> dict:
         """A batch whose completions were just generated (on-policy), with what this signal needs recomputed for
         them (a teacher with another tokenizer re-tokenizes and re-aligns each row). Default: unchanged."""

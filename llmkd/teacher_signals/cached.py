@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..heads import output_head
+from ..heads import head_rows
 from ..losses import SparseTeacher
 from .base import TeacherSignal, ready
 
@@ -46,8 +46,7 @@ def open_teacher_cache(args, teacher_model, task: str):
 def cache_vocab_size(cache, student, tokenizer) -> int:
     """The vocabulary of the cached distributions, checked to fit the student's head and cover the tokenizer."""
     vocab_size = cache.vocab_size
-    weight = output_head(student).weight
-    rows = weight.ds_shape[0] if hasattr(weight, "ds_id") else weight.shape[0]
+    rows = head_rows(student)
     if vocab_size > rows:
         raise ValueError(f"The cache's distributions cover {vocab_size} tokens but the student's head scores only "
                          f"{rows}: the cache was written for another tokenizer or model family.")

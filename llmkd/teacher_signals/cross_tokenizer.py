@@ -30,7 +30,7 @@ from ..cross_tokenizer.dataset import (
     align_dataset,
     alignment_columns,
 )
-from ..heads import intercept_head, logit_transform_for, output_head
+from ..heads import head_rows, intercept_head, logit_transform_for
 from ..loading import position_limit
 from ..losses import (
     AlignedTeacher,
@@ -49,11 +49,6 @@ from .cached import CACHE_ROW, cached_targets, tag_cached_rows
 logger = logging.getLogger(__name__)
 
 CROSS_TOKENIZER_LOSSES = ("uld", "hybrid", "span")
-
-
-def head_rows(model) -> int:
-    weight = output_head(model).weight
-    return int(weight.ds_shape[0] if hasattr(weight, "ds_id") else weight.shape[0])
 
 
 class CrossTokenizerTeacher(TeacherSignal):

@@ -47,9 +47,10 @@ from .shared import LlmkdTrainerMixin, scaled_for_data_parallel
 from .guards import TrainingGuardsMixin
 from .on_policy import COMPLETIONS_KEY, OnPolicyMixin, check_completion_room, check_on_policy_setup
 from ..teacher import aligned_vocab_size, check_label_spaces, check_same_tokenizer
-from ..teacher_signals import CachedTeacher, CrossTokenizerTeacher, OnlineTeacher
+from ..teacher_signals import CachedTeacher, CrossTokenizerTeacher, OnlineTeacher, ServedTeacher
 from ..teacher_signals.cross_tokenizer import TEACHER_INPUT_IDS
 from ..teacher_signals.cached import open_teacher_cache
+from ..teacher_signals.served import open_teacher_server
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +109,10 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
         self.task = self._resolve_task(model, args)
         model, processing_class = self._student(model, args, processing_class, self.task)
         self.teacher_cache = open_teacher_cache(args, teacher_model, self.task)
+        teacher_server = open_teacher_server(args, teacher_model, self.teacher_cache, self.task)
         check_on_policy_setup(args, task=self.task, teacher_cache=self.teacher_cache,
                               sampled_token_allowed=self.supports_sampled_token_objective)
-        if self.teacher_cache is None:
+        if self.teacher_cache is None and teacher_server is None:
             teacher_model, teacher_processing_class = self._teacher(
                 teacher_model, args, teacher_processing_class, self.task
             )
@@ -122,6 +124,10 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
                                                                 teacher_processing_class, args)
         elif self.teacher_cache is not None:
             self.teacher_signal = CachedTeacher(self.teacher_cache, model, tokenizer)
+        elif teacher_server is not None:
+            sampled_token = args.samples_completions and args.on_policy_objective == "sampled_token"
+            self.teacher_signal = ServedTeacher(teacher_server, model, tokenizer, top_k=args.teacher_server_top_k,
+                                                temperature=args.temperature, sampled_token=sampled_token)
         elif self.is_classification:
             check_same_tokenizer(tokenizer, teacher_processing_class)
             self.num_labels = check_label_spaces(model, teacher_model)
@@ -154,7 +160,10 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
         if data_collator is None:
             data_collator = (DataCollatorWithPadding(tokenizer) if self.is_classification
                              else DistillDataCollator(pad_token_id=self._pad_token_id(tokenizer),
-                                                      padded_columns=self.teacher_signal.padded_columns()))
+                                                      padded_columns=self.teacher_signal.padded_columns(),
+                                                      # prefetching needs the batches built in this process
+                                                      on_batch=None if args.dataloader_num_workers else
+                                                      self.teacher_signal.prefetch))
 
         if not self.is_classification:
             self.student_transform = logit_transform_for(model)
