@@ -229,7 +229,8 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
             from it (no teacher in the training process), and ``llmkd cache-teacher`` writes its cache from it.
         teacher_server_model: the served model name (None: the only one the server serves).
         teacher_server_top_k: log-probabilities per position asked for in training (20, vLLM's default
-            ``--max-logprobs``); the cache writer asks for ``cache_top_k``. The API key, if the server needs one, is
+            ``--max-logprobs``; 0: only the sampled tokens', for the sampled-token objective at ``lmbda: 1``); the
+            cache writer asks for ``cache_top_k``. The API key, if the server needs one, is
             read from the environment variable ``LLMKD_TEACHER_SERVER_API_KEY`` (never from a recipe).
         teacher_server_concurrency: requests in flight (8); teacher_server_timeout: seconds per request (120);
             teacher_server_retries: retries of a failed request, with exponential backoff (5).
@@ -378,10 +379,11 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
                              f"{self.cross_tokenizer_loss!r}.")
         if self.cross_tokenizer_top_k < 1:
             raise ValueError(f"cross_tokenizer_top_k must be >= 1, got {self.cross_tokenizer_top_k}.")
-        if self.teacher_server_top_k < 1 or self.teacher_server_concurrency < 1 or self.teacher_server_retries < 0 \
+        if self.teacher_server_top_k < 0 or self.teacher_server_concurrency < 1 or self.teacher_server_retries < 0 \
                 or self.teacher_server_timeout <= 0:
-            raise ValueError("teacher_server_top_k and teacher_server_concurrency must be >= 1, "
-                             "teacher_server_retries >= 0 and teacher_server_timeout > 0.")
+            raise ValueError("teacher_server_top_k must be >= 0 (0: the sampled tokens' log-probabilities only), "
+                             "teacher_server_concurrency >= 1, teacher_server_retries >= 0 and "
+                             "teacher_server_timeout > 0.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}.")
         self.check_on_policy_fields()

@@ -125,7 +125,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="http"):
         TeacherServer("127.0.0.1:8000")
     with pytest.raises(ValueError, match="teacher_server_top_k"):
-        DistillConfig(output_dir="out", teacher_server="http://x", teacher_server_top_k=0, report_to=[])
+        DistillConfig(output_dir="out", teacher_server="http://x", teacher_server_top_k=-1, report_to=[])
     tokenizer = make_tokenizer()
     student = tiny_llama(len(tokenizer))
     # the checks that come before any request (server=None would fail at the first one)

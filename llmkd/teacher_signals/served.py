@@ -78,7 +78,8 @@ class ServedTeacher(TeacherSignal):
         self.top_k = min(int(top_k), self.vocab_size)
         self.sampled_token = bool(sampled_token)
         self.max_pending = int(max_pending)
-        self._pending: OrderedDict[bytes, object] = OrderedDict()
+        #: row tokens -> [the request's future, the batches built but not trained on yet that hold the row]
+        self._pending: OrderedDict[bytes, list] = OrderedDict()
         self.rows_requested = 0
         self.rows_prefetched = 0
 
@@ -96,21 +97,31 @@ class ServedTeacher(TeacherSignal):
 
     def prefetch(self, batch: dict) -> None:
         """Request the scores of ``batch``'s rows now (called by the collator; CPU tensors)."""
-        for ids in _rows(batch["input_ids"], batch.get("attention_mask")):
-            key = ids.tobytes()
-            if key not in self._pending:
-                self._pending[key] = self._submit(ids)
+        for key, ids in {ids.tobytes(): ids for ids in _rows(batch["input_ids"], batch.get("attention_mask"))}.items():
+            if key in self._pending:  # the same row in a batch not trained on yet: one request, used twice
+                self._pending[key][1] += 1
+            else:
+                self._pending[key] = [self._submit(ids), 1]
                 self.rows_prefetched += 1
         while len(self._pending) > self.max_pending:
-            _, future = self._pending.popitem(last=False)
+            _, (future, _) = self._pending.popitem(last=False)
             future.cancel()
+
+    def _take(self, key: bytes, ids: np.ndarray):
+        entry = self._pending.get(key)
+        if entry is None:
+            return self._submit(ids)
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._pending[key]
+        return entry[0]
 
     def _answers(self, rows: list[np.ndarray]) -> list:
         futures = {}
         for ids in rows:  # a row repeated in the batch is requested once
             key = ids.tobytes()
             if key not in futures:
-                futures[key] = self._pending.pop(key, None) or self._submit(ids)
+                futures[key] = self._take(key, ids)
         return [futures[ids.tobytes()].result() for ids in rows]
 
     # ------------------------------------------------------------------------------------------------ targets

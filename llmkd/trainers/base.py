@@ -126,6 +126,10 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
             self.teacher_signal = CachedTeacher(self.teacher_cache, model, tokenizer)
         elif teacher_server is not None:
             sampled_token = args.samples_completions and args.on_policy_objective == "sampled_token"
+            if args.teacher_server_top_k == 0 and (args.lmbda < 1.0 or args.off_policy_steps > 0):
+                raise ValueError("teacher_server_top_k=0 gives the sampled tokens' log-probabilities only, which "
+                                 "only student-sampled batches can use: set lmbda: 1.0 and off_policy_steps: 0 "
+                                 "(with on_policy_objective: sampled_token), or teacher_server_top_k >= 1.")
             self.teacher_signal = ServedTeacher(teacher_server, model, tokenizer, top_k=args.teacher_server_top_k,
                                                 temperature=args.temperature, sampled_token=sampled_token)
         elif self.is_classification:
