@@ -235,6 +235,14 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
         teacher_server_concurrency: requests in flight (8); teacher_server_timeout: seconds per request (120);
             teacher_server_retries: retries of a failed request, with exponential backoff (5).
 
+    Parameters of several teachers (docs/MULTI_TEACHER.md):
+        teachers: a list of teachers, each ``{name, model_name_or_path | teacher_cache | teacher_server, weight}``
+            (``teacher_server_model`` too for a served one; an entry without a source takes the model given to the
+            trainer under its name, ``teacher_model={name: model}``). Replaces ``teacher_model_name_or_path`` /
+            ``teacher_cache`` / ``teacher_server``.
+        teacher_routing_column: the dataset column naming each row's teacher (the domain-expert setting); None:
+            every teacher on every token, their losses weighted by ``weight`` (normalised to sum 1).
+
     Parameters of a teacher with another tokenizer (docs/CROSS_TOKENIZER.md):
         cross_tokenizer_loss: None (default: the teacher must share the student's tokenizer), or the loss on the
             spans where the two tokenizations align: ``uld`` (sorted-probability distance), ``hybrid`` (the
@@ -326,6 +334,12 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
     teacher_server_concurrency: int = field(default=8, metadata={"help": "Requests in flight to the server."})
     teacher_server_timeout: float = field(default=120.0, metadata={"help": "Seconds per request to the server."})
     teacher_server_retries: int = field(default=5, metadata={"help": "Retries of a failed server request."})
+    # several teachers
+    teachers: str | None = field(default=None, metadata={
+        "help": "Several teachers: a list of {name, model_name_or_path | teacher_cache | teacher_server, weight} "
+                "(docs/MULTI_TEACHER.md); JSON on the command line."})
+    teacher_routing_column: str | None = field(default=None, metadata={
+        "help": "With teachers: the dataset column naming each row's teacher (None: mix every teacher by weight)."})
     # loss
     divergence: str = field(default="fkl", metadata={
         "help": "fkl, rkl, jsd, skew_fkl, skew_rkl, tvd or abkd (also accepted: kl and forward_kl = fkl, reverse_kl = "
@@ -384,9 +398,51 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
             raise ValueError("teacher_server_top_k must be >= 0 (0: the sampled tokens' log-probabilities only), "
                              "teacher_server_concurrency >= 1, teacher_server_retries >= 0 and "
                              "teacher_server_timeout > 0.")
+        self.teachers = _teacher_entries(self)
+        if self.teacher_routing_column is not None and not self.teachers:
+            raise ValueError("teacher_routing_column routes rows between several teachers: set teachers too.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}.")
         self.check_on_policy_fields()
+
+
+#: the keys of one entry of ``teachers``, and the sources among them (at most one per entry)
+TEACHER_ENTRY_KEYS = ("name", "model_name_or_path", "teacher_cache", "teacher_server", "teacher_server_model",
+                      "weight")
+TEACHER_SOURCES = ("model_name_or_path", "teacher_cache", "teacher_server")
+
+
+def _teacher_entries(config) -> list[dict] | None:
+    """``config.teachers`` checked: None, or a list of entries (a JSON string on the command line)."""
+    value = config.teachers
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"teachers must be a list of teachers, e.g. '[{{\"name\": \"math\", "
+                             f"\"model_name_or_path\": \"PATH\"}}, ...]', got {value!r} ({error}).") from None
+    if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
+        raise ValueError(f"teachers must be a list of mappings (name, model_name_or_path | teacher_cache | "
+                         f"teacher_server, weight), got {value!r}.")
+    single = [name for name in ("teacher_model_name_or_path", "teacher_cache", "teacher_server")
+              if getattr(config, name)]
+    if single:
+        raise ValueError(f"teachers lists the teachers, but {single} is set too: move that teacher into teachers.")
+    for i, entry in enumerate(value):
+        unknown = sorted(set(entry) - set(TEACHER_ENTRY_KEYS))
+        if unknown:
+            raise ValueError(f"teachers[{i}] has unknown keys {unknown}; allowed: {list(TEACHER_ENTRY_KEYS)}.")
+        if not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise ValueError(f"teachers[{i}] needs a name (the routing column's value for its rows, and its logs).")
+        sources = [key for key in TEACHER_SOURCES if entry.get(key)]
+        if len(sources) > 1:
+            raise ValueError(f"teachers[{i}] ({entry['name']}) gives {sources}: give one of {list(TEACHER_SOURCES)}.")
+        weight = entry.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"teachers[{i}] ({entry['name']}) has weight {weight!r}: a number >= 0.")
+    return [dict(entry) for entry in value]
 
 
 def _as_keyword_dict(value, name: str) -> dict:

@@ -106,17 +106,30 @@ def resolve_input_paths(values: dict, bases: tuple[str, ...], recipe_dir: str | 
     """
     resolved = dict(values)
     for field in INPUT_PATH_FIELDS:
-        name = values.get(field)
-        if not isinstance(name, str) or not name:
-            continue
-        found = find_local(name, bases)
-        if found is not None:
-            resolved[field] = found
-            continue
-        producer = producing_recipe(name, recipe_dir) if recipe_dir else None
-        if producer is not None or field in LOCAL_ONLY_FIELDS or looks_like_path(name):
-            raise missing_path_error(field, name, bases, recipe_dir, producer)
-    return resolved
+        resolved[field] = _resolved(field, values.get(field), bases, recipe_dir)
+    teachers = values.get("teachers")
+    if isinstance(teachers, list):  # several teachers: each entry's model and cache, like the single fields
+        resolved["teachers"] = [
+            {**entry, **{key: _resolved(field, entry.get(key), bases, recipe_dir)
+                         for key, field in TEACHER_ENTRY_FIELDS.items() if key in entry}}
+            if isinstance(entry, dict) else entry for entry in teachers]
+    return {key: value for key, value in resolved.items() if key in values}
+
+
+#: the path keys of a ``teachers`` entry, and the single-teacher field each one resolves like
+TEACHER_ENTRY_FIELDS = {"model_name_or_path": "teacher_model_name_or_path", "teacher_cache": "teacher_cache"}
+
+
+def _resolved(field: str, name, bases: tuple[str, ...], recipe_dir: str | None):
+    if not isinstance(name, str) or not name:
+        return name
+    found = find_local(name, bases)
+    if found is not None:
+        return found
+    producer = producing_recipe(name, recipe_dir) if recipe_dir else None
+    if producer is not None or field in LOCAL_ONLY_FIELDS or looks_like_path(name):
+        raise missing_path_error(field, name, bases, recipe_dir, producer)
+    return name
 
 
 def hub_names(values: dict) -> list[str]:

@@ -66,7 +66,9 @@ def _as_arguments(values: dict[str, Any]) -> list[str]:
     for key, value in values.items():
         if value is None:
             continue
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, (list, tuple)) and any(isinstance(v, dict) for v in value):
+            argv.extend([f"--{key}", json.dumps(list(value))])  # a list of mappings (teachers): one JSON value
+        elif isinstance(value, (list, tuple)):
             argv.append(f"--{key}")
             argv.extend(str(v) for v in value)
         elif isinstance(value, dict):

@@ -23,6 +23,7 @@ from .divergences import (
     softened_log_probs,
     tvd,
 )
+from .groups import TargetGroup, grouped_loss
 from .load_balancing import expert_assignment_counts, load_balancing_loss
 from .preference import PREFERENCE_LOSSES, dpo_sigmoid_loss, kto_pair_loss, preference_loss
 from .reduction import reduce_token_losses
@@ -56,6 +57,7 @@ __all__ = [
     "dho_loss",
     "dpo_sigmoid_loss",
     "expert_assignment_counts",
+    "grouped_loss",
     "kto_pair_loss",
     "load_balancing_loss",
     "PREFERENCE_LOSSES",
@@ -78,5 +80,6 @@ __all__ = [
     "taid_loss",
     "TAIDSchedule",
     "TAIDTokenLoss",
+    "TargetGroup",
     "tvd",
 ]

@@ -95,9 +95,11 @@ class TeacherServer:
         self.model_root = entry.get("root") or model
 
     @classmethod
-    def from_config(cls, args) -> "TeacherServer":
-        """The server a config names (``teacher_server*`` fields; the API key from :data:`API_KEY_VARIABLE`)."""
-        return cls(args.teacher_server, model=args.teacher_server_model, api_key=os.environ.get(API_KEY_VARIABLE),
+    def from_config(cls, args, url: str | None = None, model: str | None = None) -> "TeacherServer":
+        """The server a config names (``teacher_server*`` fields, or ``url`` / ``model`` of a ``teachers`` entry;
+        the API key from :data:`API_KEY_VARIABLE`)."""
+        return cls(url or args.teacher_server, model=model if url else args.teacher_server_model,
+                   api_key=os.environ.get(API_KEY_VARIABLE),
                    timeout_s=args.teacher_server_timeout, max_retries=args.teacher_server_retries,
                    concurrency=args.teacher_server_concurrency)
 

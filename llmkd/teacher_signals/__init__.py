@@ -7,6 +7,8 @@ it has (:class:`TeacherSignal` is the interface):
 * :class:`CachedTeacher`: the teacher's top-k distributions read from an offline cache (``llmkd cache-teacher``);
 * :class:`ServedTeacher`: the teacher's top-k log-probabilities of each batch from an inference server
   (docs/SERVED_TEACHERS.md);
+* :class:`MultiTeacher`: several of the above, each row routed to one by a dataset column or all mixed by weight
+  (docs/MULTI_TEACHER.md);
 * :class:`CrossTokenizerTeacher`: a local teacher model with another tokenizer (aligned spans,
   docs/CROSS_TOKENIZER.md).
 """
@@ -15,6 +17,8 @@ from .base import TeacherSignal
 from .cached import CACHE_ROW, CachedTeacher
 from .cross_tokenizer import CrossTokenizerTeacher
 from .online import OnlineTeacher
+from .multi import MultiTeacher, NamedTeacher
 from .served import ServedTeacher
 
-__all__ = ["CACHE_ROW", "CachedTeacher", "CrossTokenizerTeacher", "OnlineTeacher", "ServedTeacher", "TeacherSignal"]
+__all__ = ["CACHE_ROW", "CachedTeacher", "CrossTokenizerTeacher", "MultiTeacher", "NamedTeacher", "OnlineTeacher",
+           "ServedTeacher", "TeacherSignal"]

@@ -75,6 +75,11 @@ class TeacherSignal:
         """
         raise NotImplementedError
 
+    def idle(self) -> None:
+        """Called instead of :meth:`token_targets` for a micro-batch with none of this teacher's tokens (several
+        routed teachers): a partitioned teacher (ZeRO-3/FSDP) runs a throwaway forward to stay in step with the
+        other processes. Default: nothing."""
+
     def example_logits(self, model_inputs: dict) -> torch.Tensor:
         """``(B, C)`` float32: the teacher's logits of a classifier's micro-batch."""
         raise ValueError(f"{type(self).__name__} has no per-example logits: sequence classifiers need a live teacher.")

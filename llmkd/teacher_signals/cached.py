@@ -24,21 +24,26 @@ def open_teacher_cache(args, teacher_model, task: str):
     settings), or None when the run has a live teacher."""
     if not args.teacher_cache:
         return None
-    from ..cache import TeacherCache
-
     if teacher_model is not None:
         raise ValueError("Both a teacher model and teacher_cache were given: train from one of them (a cache "
                          "replaces the live teacher).")
     if task != "causal_lm":
         raise ValueError("teacher_cache is for token-level distillation of causal LMs; sequence classifiers need "
                          "a live teacher (their teacher forward is cheap).")
-    cache = TeacherCache(args.teacher_cache)
+    return open_cache(args.teacher_cache, args.temperature)
+
+
+def open_cache(path: str, temperature: float):
+    """The :class:`~llmkd.cache.TeacherCache` at ``path``, checked to hold log-probabilities at ``temperature``."""
+    from ..cache import TeacherCache
+
+    cache = TeacherCache(path)
     cached_temperature = cache.temperature
-    if abs(cached_temperature - args.temperature) > 1e-12:
+    if abs(cached_temperature - temperature) > 1e-12:
         raise ValueError(
-            f"The cache at {args.teacher_cache} holds log-probs at temperature {cached_temperature} but the run uses "
-            f"temperature {args.temperature}: set temperature: {cached_temperature}, or write a cache at "
-            f"{args.temperature} (llmkd cache-teacher --cache_temperature {args.temperature})."
+            f"The cache at {path} holds log-probs at temperature {cached_temperature} but the run uses "
+            f"temperature {temperature}: set temperature: {cached_temperature}, or write a cache at "
+            f"{temperature} (llmkd cache-teacher --cache_temperature {temperature})."
         )
     return cache
 
@@ -66,6 +71,8 @@ def tag_cached_rows(cache, dataset, tokenizer, split: str, teacher_tokenizer=Non
             "teacher_cache), or drop the eval dataset / dataset_eval_split from this run."
         )
     cache.check_compatible(tokenizer, dataset, teacher_tokenizer=teacher_tokenizer)
+    if CACHE_ROW in dataset.column_names:  # tagged already (another cached teacher of the same rows)
+        return dataset
     return dataset.add_column(CACHE_ROW, list(range(len(dataset))))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ..heads import intercept_head, logit_transform_for
 from ..losses import DenseTargets, OutputHead, ProjectedTeacher
@@ -28,6 +29,14 @@ class OnlineTeacher(TeacherSignal):
 
     def place(self, accelerator, *, is_deepspeed: bool, is_fsdp: bool) -> None:
         self.model = prepare_teacher(self.model, accelerator, is_deepspeed=is_deepspeed, is_fsdp=is_fsdp)
+
+    @torch.no_grad()
+    def idle(self) -> None:
+        if not any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in self.model.parameters()):
+            return  # not partitioned: no collective to keep in step with
+        device = next(self.model.parameters()).device
+        ids = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
 
     @torch.no_grad()
     def hidden_states(self, model_inputs: dict, valid: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ from ..losses import (
     chunked_loss,
     distillation_loss_from_logits,
     get_divergence,
+    grouped_loss,
 )
 from .shared import LlmkdTrainerMixin, scaled_for_data_parallel
 from .guards import TrainingGuardsMixin
@@ -49,7 +50,8 @@ from .on_policy import COMPLETIONS_KEY, OnPolicyMixin, check_completion_room, ch
 from ..teacher import aligned_vocab_size, check_label_spaces, check_same_tokenizer
 from ..teacher_signals import CachedTeacher, CrossTokenizerTeacher, OnlineTeacher, ServedTeacher
 from ..teacher_signals.cross_tokenizer import TEACHER_INPUT_IDS
-from ..teacher_signals.cached import open_teacher_cache
+from ..teacher_signals.cached import open_cache, open_teacher_cache
+from ..teacher_signals.multi import MultiTeacher, NamedTeacher
 from ..teacher_signals.served import open_teacher_server
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,8 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
     Args:
         model: the student, a ``PreTrainedModel`` or a name/path (loaded with ``args.student_dtype``).
         teacher_model: the teacher, a ``PreTrainedModel`` or a name/path (loaded frozen with ``args.teacher_dtype``
-            and, if asked, 4/8-bit quantization). Defaults to ``args.teacher_model_name_or_path``.
+            and, if asked, 4/8-bit quantization). Defaults to ``args.teacher_model_name_or_path``. With several
+            teachers (``args.teachers``), a ``{name: model}`` dict of those given as objects.
         args: a :class:`~llmkd.DistillConfig` (or a subclass for the method trainers).
         train_dataset / eval_dataset: datasets in a TRL layout ("messages", "prompt"/"completion", "text", or
             pre-tokenized "input_ids"[/"labels"]); loaded from ``args.dataset_name`` when omitted.
@@ -108,41 +111,9 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
             train_dataset, eval_dataset = load_dataset_splits(args)
         self.task = self._resolve_task(model, args)
         model, processing_class = self._student(model, args, processing_class, self.task)
-        self.teacher_cache = open_teacher_cache(args, teacher_model, self.task)
-        teacher_server = open_teacher_server(args, teacher_model, self.teacher_cache, self.task)
-        check_on_policy_setup(args, task=self.task, teacher_cache=self.teacher_cache,
-                              sampled_token_allowed=self.supports_sampled_token_objective)
-        if self.teacher_cache is None and teacher_server is None:
-            teacher_model, teacher_processing_class = self._teacher(
-                teacher_model, args, teacher_processing_class, self.task
-            )
         tokenizer = tokenizer_of(processing_class)
-        if args.cross_tokenizer_loss is not None and not self.is_classification:
-            if self.teacher_cache is not None and teacher_processing_class is None:
-                teacher_processing_class = cached_teacher_tokenizer(args)
-            self.teacher_signal = self._cross_tokenizer_teacher(model, teacher_model, tokenizer,
-                                                                teacher_processing_class, args)
-        elif self.teacher_cache is not None:
-            self.teacher_signal = CachedTeacher(self.teacher_cache, model, tokenizer)
-        elif teacher_server is not None:
-            sampled_token = args.samples_completions and args.on_policy_objective == "sampled_token"
-            if args.teacher_server_top_k == 0 and (args.lmbda < 1.0 or args.off_policy_steps > 0):
-                raise ValueError("teacher_server_top_k=0 gives the sampled tokens' log-probabilities only, which "
-                                 "only student-sampled batches can use: set lmbda: 1.0 and off_policy_steps: 0 "
-                                 "(with on_policy_objective: sampled_token), or teacher_server_top_k >= 1.")
-            self.teacher_signal = ServedTeacher(teacher_server, model, tokenizer, top_k=args.teacher_server_top_k,
-                                                temperature=args.temperature, sampled_token=sampled_token)
-        elif self.is_classification:
-            check_same_tokenizer(tokenizer, teacher_processing_class)
-            self.num_labels = check_label_spaces(model, teacher_model)
-            self._models_take_token_type_ids = all(
-                "token_type_ids" in inspect.signature(unwrap_model(m).forward).parameters
-                for m in (model, teacher_model)
-            )
-            self.teacher_signal = OnlineTeacher(teacher_model, None)
-        else:
-            self.teacher_signal = OnlineTeacher(teacher_model, aligned_vocab_size(model, teacher_model, tokenizer,
-                                                                                  teacher_processing_class))
+        self.teacher_signal, teacher_model = self._teacher_signal(model, teacher_model, tokenizer,
+                                                                  teacher_processing_class, args)
         self.vocab_size = self.teacher_signal.vocab_size
 
         if peft_config is None and args.use_peft:
@@ -200,6 +171,93 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
     @property
     def is_classification(self) -> bool:
         return self.task == "sequence_classification"
+
+    def _teacher_signal(self, student, teacher_model, tokenizer, teacher_processing_class, args: DistillConfig):
+        """``(the run's teacher signal, the local teacher model or None)``: several teachers (``teachers``), a
+        teacher cache, a served teacher, a teacher with another tokenizer, or a local teacher model."""
+        self.teacher_cache = None
+        if args.teachers:
+            check_on_policy_setup(args, task=self.task, teacher_cache=None,
+                                  sampled_token_allowed=self.supports_sampled_token_objective)
+            return self._several_teachers(student, teacher_model, tokenizer, args), None
+        model = student  # the name below
+        self.teacher_cache = open_teacher_cache(args, teacher_model, self.task)
+        teacher_server = open_teacher_server(args, teacher_model, self.teacher_cache, self.task)
+        check_on_policy_setup(args, task=self.task, teacher_cache=self.teacher_cache,
+                              sampled_token_allowed=self.supports_sampled_token_objective)
+        if self.teacher_cache is None and teacher_server is None:
+            teacher_model, teacher_processing_class = self._teacher(
+                teacher_model, args, teacher_processing_class, self.task
+            )
+        if args.cross_tokenizer_loss is not None and not self.is_classification:
+            if self.teacher_cache is not None and teacher_processing_class is None:
+                teacher_processing_class = cached_teacher_tokenizer(args)
+            signal = self._cross_tokenizer_teacher(model, teacher_model, tokenizer, teacher_processing_class, args)
+        elif self.teacher_cache is not None:
+            signal = CachedTeacher(self.teacher_cache, model, tokenizer)
+        elif teacher_server is not None:
+            signal = self._served_teacher(teacher_server, model, tokenizer, args)
+        elif self.is_classification:
+            check_same_tokenizer(tokenizer, teacher_processing_class)
+            self.num_labels = check_label_spaces(model, teacher_model)
+            self._models_take_token_type_ids = all(
+                "token_type_ids" in inspect.signature(unwrap_model(m).forward).parameters
+                for m in (model, teacher_model)
+            )
+            signal = OnlineTeacher(teacher_model, None)
+        else:
+            signal = OnlineTeacher(teacher_model, aligned_vocab_size(model, teacher_model, tokenizer,
+                                                                     teacher_processing_class))
+        return signal, teacher_model
+
+    @staticmethod
+    def _served_teacher(server, student, tokenizer, args: DistillConfig) -> ServedTeacher:
+        sampled_token = args.samples_completions and args.on_policy_objective == "sampled_token"
+        if args.teacher_server_top_k == 0 and (args.lmbda < 1.0 or args.off_policy_steps > 0):
+            raise ValueError("teacher_server_top_k=0 gives the sampled tokens' log-probabilities only, which only "
+                             "student-sampled batches can use: set lmbda: 1.0 and off_policy_steps: 0 (with "
+                             "on_policy_objective: sampled_token), or teacher_server_top_k >= 1.")
+        return ServedTeacher(server, student, tokenizer, top_k=args.teacher_server_top_k,
+                             temperature=args.temperature, sampled_token=sampled_token)
+
+    def _several_teachers(self, student, teacher_models, tokenizer, args: DistillConfig) -> MultiTeacher:
+        """The :class:`~llmkd.teacher_signals.MultiTeacher` of ``args.teachers`` (models given to the trainer as
+        ``teacher_model={name: model}``)."""
+        if self.is_classification:
+            raise ValueError("Several teachers distil token distributions of causal LMs; give a sequence classifier "
+                             "one teacher.")
+        if args.cross_tokenizer_loss is not None:
+            raise ValueError("Several teachers with another tokenizer than the student's are not supported yet: "
+                             "distil from one of them at a time (cross_tokenizer_loss).")
+        if args.seq_kd:
+            raise ValueError("seq_kd samples completions from the teacher; with several teachers use lmbda (student "
+                             "samples, scored by each row's teacher) or the dataset's completions.")
+        if teacher_models is not None and not isinstance(teacher_models, dict):
+            raise ValueError("With teachers in the config, pass teacher models as teacher_model={name: model}.")
+        given = dict(teacher_models or {})
+        unknown = sorted(set(given) - {entry["name"] for entry in args.teachers})
+        if unknown:
+            raise ValueError(f"teacher_model names {unknown}, which teachers does not list.")
+        teachers = []
+        for entry in args.teachers:
+            name = entry["name"]
+            if name in given or entry.get("model_name_or_path"):
+                teacher, teacher_tokenizer = self._teacher(given.get(name, entry.get("model_name_or_path")), args,
+                                                           None, self.task)
+                signal = OnlineTeacher(teacher, aligned_vocab_size(student, teacher, tokenizer, teacher_tokenizer))
+            elif entry.get("teacher_cache"):
+                signal = CachedTeacher(open_cache(entry["teacher_cache"], args.temperature), student, tokenizer)
+            elif entry.get("teacher_server"):
+                from ..teacher_server import TeacherServer
+
+                server = TeacherServer.from_config(args, url=entry["teacher_server"],
+                                                   model=entry.get("teacher_server_model"))
+                signal = self._served_teacher(server, student, tokenizer, args)
+            else:
+                raise ValueError(f"Teacher {name!r} has no source: give model_name_or_path, teacher_cache or "
+                                 f"teacher_server in its entry, or pass teacher_model={{{name!r}: model}}.")
+            teachers.append(NamedTeacher(name, signal, float(entry.get("weight", 1.0))))
+        return MultiTeacher(teachers, args.teacher_routing_column)
 
     @staticmethod
     def _resolve_task(model, args: DistillConfig) -> str:
@@ -276,7 +334,9 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
         columns = getattr(dataset, "column_names", None) or (list(dataset[0].keys()) if len(dataset) else [])
         return prepare_dataset(
             dataset, tokenizer, max_length=args.max_length, completion_only_loss=args.completion_only_loss,
-            num_proc=args.dataset_num_proc, extra_columns=tuple(c for c in IMAGE_FIELDS if c in columns),
+            num_proc=args.dataset_num_proc,
+            # images, and the column naming each row's teacher (several teachers, routed)
+            extra_columns=tuple(c for c in (*IMAGE_FIELDS, args.teacher_routing_column) if c and c in columns),
             with_prompt_length=split == "train" and args.samples_completions,  # the prompts on-policy samples follow
         )
 
@@ -387,12 +447,15 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
 
         def distill_head(hidden_states: torch.Tensor) -> torch.Tensor:
             student_hidden = hidden_states[:, :-1][valid]  # (N, H_s)
+            student_head = OutputHead(head.weight, getattr(head, "bias", None), self.student_transform)
+
+            def engine(x, targets, labels, objective, **kwargs):
+                return chunked_loss(x, student_head, targets, labels, objective, **kwargs)
+
             with teacher as targets:  # a sharded teacher head stays gathered while the engine runs
-                result = chunked_loss(
-                    student_hidden, OutputHead(head.weight, getattr(head, "bias", None), self.student_transform),
-                    targets, target_ids, objective, normalizer=normalizer, chunk_size=self.args.loss_chunk_size,
-                    blocks=blocks, vocab_size=self.vocab_size,
-                )
+                result = self._engine_loss(engine, student_hidden, targets, target_ids, objective, blocks,
+                                           normalizer, record, chunk_size=self.args.loss_chunk_size,
+                                           vocab_size=self.vocab_size)
             record["result"] = result
             return result.loss
 
@@ -415,10 +478,25 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
         outputs = model(**model_inputs)
         student_logits = outputs.logits[:, :-1][valid][:, : self.vocab_size].float()  # (N, V)
         with teacher as targets:
-            result = distillation_loss_from_logits(student_logits, targets, target_ids, objective,
-                                                   normalizer=normalizer, blocks=blocks)
+            result = self._engine_loss(distillation_loss_from_logits, student_logits, targets, target_ids, objective,
+                                       blocks, normalizer, record)
         self._record(record, result)
         return outputs, result.loss
+
+    @staticmethod
+    def _engine_loss(loss_fn, student, targets, target_ids, objective, blocks, normalizer, record, **kwargs):
+        """``loss_fn``'s output for one teacher's targets, or, for several teachers (a list of
+        :class:`~llmkd.losses.TargetGroup`), the sum over their groups (:func:`~llmkd.losses.grouped_loss`), with
+        each teacher's token loss sum and token count kept in ``record["teachers"]``."""
+        if not isinstance(targets, list):
+            return loss_fn(student, targets, target_ids, objective, normalizer=normalizer, blocks=blocks, **kwargs)
+        if blocks is not None:
+            raise ValueError("This trainer cuts the tokens into blocks of its own, which several teachers would "
+                             "split: distil from one teacher with it.")
+        result, outputs = grouped_loss(loss_fn, student, targets, target_ids, objective, normalizer=normalizer,
+                                       **kwargs)
+        record["teachers"] = {name: (output.kd_sum, float(output.num_tokens)) for name, output in outputs.items()}
+        return result
 
     @staticmethod
     def _record(record, result) -> None:
@@ -429,8 +507,10 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
     def _accumulate_metrics(self, record, training: bool) -> None:
         # kept as device tensors: no host synchronisation per micro-batch
         sums = self._metric_sums[training]
-        for key in METRIC_KEYS:
-            value = record[key]
+        values = {key: record[key] for key in METRIC_KEYS}
+        for name, (kd, tokens) in record.get("teachers", {}).items():  # every teacher, every micro-batch
+            values[f"kd/{name}"], values[f"tokens/{name}"] = kd, tokens
+        for key, value in values.items():
             value = value.detach().double() if isinstance(value, torch.Tensor) else float(value)
             sums[key] = sums[key] + value
 
@@ -438,12 +518,19 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
         sums = self._metric_sums[training]
         if not sums:
             return {}
+        keys = list(METRIC_KEYS) + sorted(k for k in sums if k not in METRIC_KEYS)  # the same order on every rank
         totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64).to(self.accelerator.device)
-                              for k in METRIC_KEYS])
+                              for k in keys])
         totals = self.accelerator.reduce(totals, reduction="sum") if self.accelerator.num_processes > 1 else totals
         sums.clear()
-        means = dict(zip(METRIC_KEYS, (totals / max(totals[-1].item(), 1.0)).tolist()))
+        reduced = dict(zip(keys, totals.tolist()))
+        means = {k: reduced[k] / max(reduced["tokens"], 1.0) for k in METRIC_KEYS}
         metrics = {"kd_loss": means["kd"], "ce_loss": means["ce"], "teacher_ce_loss": means["teacher_ce"]}
+        for key in keys:  # several teachers: each one's token loss over its own tokens, and its token count
+            if key.startswith("kd/"):
+                name = key[3:]
+                metrics[f"kd_loss/{name}"] = reduced[key] / max(reduced[f"tokens/{name}"], 1.0)
+                metrics[f"tokens/{name}"] = reduced[f"tokens/{name}"]
         if self.block_loss_fn() is not None:
             metrics[self.block_loss_name] = means["block"]
         return metrics
