@@ -47,7 +47,7 @@ from llmkd.heads import unwrap_model
 
 MAX_STEPS, SAVE_STEPS, KILL_AT = 8, 4, 4
 RUNS = ("whole", "killed", "resumed")
-CASES = ("kd", "on_policy", "cross_tokenizer", "taid", "sinkd", "moe_mimic", "preference", "dho")
+CASES = ("kd", "on_policy", "cross_tokenizer", "multi_teacher", "taid", "sinkd", "moe_mimic", "preference", "dho")
 # 24 rows, 4 per step: checkpoint-4 falls inside the first epoch (the resumed run must skip 4 batches of a
 # shuffled epoch) and steps 7-8 are in the second epoch (a new shuffle).
 ROWS, BATCH = 24, 4
@@ -98,6 +98,16 @@ def build(case: str, output_dir: str):
                                lmbda=0.5, max_completion_length=6)
         return DistillTrainer(args=config, **{**lm, "teacher_model": tiny_llama(len(teacher_tokenizer), 48, seed=2)},
                               teacher_processing_class=teacher_tokenizer), no_state
+    if case == "multi_teacher":
+        # two teachers, each row routed to one by its "domain", half the micro-batches sampled by the student
+        rows = lm_data().to_list()
+        data = Dataset.from_list([{**row, "domain": ("a", "b")[i % 2]} for i, row in enumerate(rows)])
+        config = DistillConfig(**{**args, "per_device_train_batch_size": 2}, gradient_accumulation_steps=2,
+                               learning_rate=1e-2, kd_ratio=0.5, loss_chunk_size=16, lmbda=0.5,
+                               max_completion_length=6, teachers=[{"name": "a"}, {"name": "b", "weight": 0.5}],
+                               teacher_routing_column="domain")
+        teachers = {"a": teacher, "b": tiny_llama(len(tokenizer), 48, seed=4)}
+        return DistillTrainer(args=config, **{**lm, "teacher_model": teachers, "train_dataset": data}), no_state
     if case == "taid":
         # 2 micro-batches per step: the schedule's step sums span them
         config = TAIDConfig(**{**args, "per_device_train_batch_size": 2}, gradient_accumulation_steps=2,

@@ -167,6 +167,8 @@ def test_bad_settings_are_refused(setup, tmp_path):
                                                                                              {"name": "words"}]),
                        teacher_model={"math": tiny_llama(len(tokenizer) + 2), "words": setup["words"]},
                        train_dataset=data, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="do not hold"):
+        make([{"name": "math"}, {"name": "words", "teacher_cache": "cache"}], {"math": setup["math"]}, lmbda=0.5)
     with pytest.raises(ValueError, match="move that teacher into teachers"):
         DistillConfig(output_dir="o", report_to=[], teachers=[{"name": "a"}], teacher_model_name_or_path="x")
     with pytest.raises(ValueError, match="unknown keys"):
@@ -175,3 +177,20 @@ def test_bad_settings_are_refused(setup, tmp_path):
         DistillConfig(output_dir="o", report_to=[], teacher_routing_column="domain")
     with pytest.raises(ValueError, match="list of teachers"):
         DistillConfig(output_dir="o", report_to=[], teachers="[{name: a}]")
+
+
+def test_taid_with_routed_teachers(setup, tmp_path):
+    """TAIDTrainer's interpolated KL on each teacher's rows; its schedule sees the combined loss."""
+    from llmkd import TAIDConfig, TAIDTrainer
+
+    args = TAIDConfig(output_dir=str(tmp_path / "taid"), report_to=[], use_cpu=True, max_steps=3,
+                      per_device_train_batch_size=4, save_strategy="no", disable_tqdm=True, logging_steps=1,
+                      max_length=64, teachers=[{"name": "math"}, {"name": "words"}], teacher_routing_column="domain")
+    student = copy.deepcopy(setup["student"])
+    initial = [p.detach().clone() for p in student.parameters()]
+    trainer = TAIDTrainer(model=student, teacher_model={"math": setup["math"], "words": setup["words"]}, args=args,
+                          train_dataset=Dataset.from_list(setup["rows"]), processing_class=setup["tokenizer"])
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3 and all("taid_t" in entry and entry["tokens/math"] > 0 for entry in logs)
+    assert max((a - b).abs().max() for a, b in zip(student.parameters(), initial)) > 0

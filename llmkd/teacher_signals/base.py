@@ -27,11 +27,12 @@ class TeacherSignal:
       the targets are valid inside it (a sharded head stays gathered for as long as the loss runs);
     * gives a classifier's per-example teacher logits (:meth:`example_logits`).
 
-    Kinds to come plug in here, each as one more subclass: a teacher scoring the student's own samples (on-policy
-    distillation: the batch is generated, then scored), a teacher behind an inference server (targets from its
-    returned top-k log-probabilities, a :class:`~llmkd.losses.SparseTeacher`), a teacher with another tokenizer
-    (its distributions mapped onto the student's vocabulary before they become targets; ``vocab_size`` is then the
-    student's) and several teachers (targets combined per token). None of them changes a trainer or a loss.
+    The kinds: a local teacher model (:class:`~llmkd.teacher_signals.OnlineTeacher`), a cache
+    (:class:`~llmkd.teacher_signals.CachedTeacher`), a server (:class:`~llmkd.teacher_signals.ServedTeacher`:
+    top-k log-probabilities, prefetched by :meth:`prefetch`), a teacher with another tokenizer
+    (:class:`~llmkd.teacher_signals.CrossTokenizerTeacher`: its own loss through :meth:`objective`) and several
+    teachers (:class:`~llmkd.teacher_signals.MultiTeacher`: targets per group of tokens). None of them changes a
+    loss.
     """
 
     vocab_size: int | None = None

@@ -78,8 +78,8 @@ class MultiTeacher(TeacherSignal):
         index = {name: i for i, name in enumerate(self.names)}
         unknown = sorted({str(v) for v in values if str(v) not in index})
         if unknown:
-            raise ValueError(f"Rows name teachers {unknown[:5]} in column {self.routing_column!r}, but the teachers are "
-                             f"{self.names}: fix the column, or add those teachers.")
+            raise ValueError(f"Rows name teachers {unknown[:5]} in column {self.routing_column!r}, but the teachers "
+                             f"are {self.names}: fix the column, or add those teachers.")
         return dataset.remove_columns(self.routing_column).add_column(TEACHER_INDEX,
                                                                       [index[str(v)] for v in values])
 

@@ -232,6 +232,11 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
         if args.seq_kd:
             raise ValueError("seq_kd samples completions from the teacher; with several teachers use lmbda (student "
                              "samples, scored by each row's teacher) or the dataset's completions.")
+        cached = [entry["name"] for entry in args.teachers if entry.get("teacher_cache")]
+        if cached and args.samples_completions:
+            raise ValueError(f"lmbda > 0 scores completions sampled during training, which the caches of teachers "
+                             f"{cached} do not hold: run those teachers live (model_name_or_path or "
+                             "teacher_server), or set lmbda: 0.")
         if teacher_models is not None and not isinstance(teacher_models, dict):
             raise ValueError("With teachers in the config, pass teacher models as teacher_model={name: model}.")
         given = dict(teacher_models or {})
