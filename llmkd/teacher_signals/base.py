@@ -76,10 +76,12 @@ class TeacherSignal:
         """
         raise NotImplementedError
 
-    def idle(self) -> None:
+    def idle(self, *, dense: bool = False) -> contextlib.AbstractContextManager:
         """Called instead of :meth:`token_targets` for a micro-batch with none of this teacher's tokens (several
-        routed teachers): a partitioned teacher (ZeRO-3/FSDP) runs a throwaway forward to stay in step with the
-        other processes. Default: nothing."""
+        routed teachers), and entered where its context would be: a partitioned teacher (ZeRO-3/FSDP) makes the
+        collectives :meth:`token_targets` would (``dense`` as there), in the same order, on a throwaway input, to
+        stay in step with the processes that have its tokens. What it yields is thrown away. Default: nothing."""
+        return contextlib.nullcontext()
 
     def example_logits(self, model_inputs: dict) -> torch.Tensor:
         """``(B, C)`` float32: the teacher's logits of a classifier's micro-batch."""

@@ -143,12 +143,11 @@ class MultiTeacher(TeacherSignal):
                 tokens = torch.nonzero(torch.isin(token_rows, rows)).flatten()
                 share, kd_weight = 1.0, teacher.weight
                 if len(tokens) == 0:  # no token of this teacher in the batch (a partitioned one still steps)
-                    teacher.signal.idle()
-                    pending.append((teacher.name, None, tokens, kd_weight, share))
+                    pending.append((teacher.name, teacher.signal.idle(dense=dense), tokens, kd_weight, share, False))
                     continue
             sub_valid = valid if rows is None else valid.index_select(0, rows)
             targets = teacher.signal.token_targets(self._select(inputs, rows), sub_valid, dense=dense)
-            pending.append((teacher.name, targets, tokens, kd_weight, share))
+            pending.append((teacher.name, targets, tokens, kd_weight, share, True))
         return _entered(pending)
 
 
@@ -158,6 +157,11 @@ TEACHER_COLUMNS = (CACHE_ROW,)
 
 @contextlib.contextmanager
 def _entered(pending):
+    """The groups of ``pending`` ``(name, context, tokens, kd_weight, share, has_tokens)``, every context entered
+    in order (an idle teacher's too, for its collectives; its group's targets are None)."""
     with contextlib.ExitStack() as stack:
-        yield [TargetGroup(name, None if targets is None else stack.enter_context(targets), tokens, kd_weight, share)
-               for name, targets, tokens, kd_weight, share in pending]
+        groups = []
+        for name, context, tokens, kd_weight, share, has_tokens in pending:
+            targets = stack.enter_context(context)
+            groups.append(TargetGroup(name, targets if has_tokens else None, tokens, kd_weight, share))
+        yield groups

@@ -30,13 +30,15 @@ class OnlineTeacher(TeacherSignal):
     def place(self, accelerator, *, is_deepspeed: bool, is_fsdp: bool) -> None:
         self.model = prepare_teacher(self.model, accelerator, is_deepspeed=is_deepspeed, is_fsdp=is_fsdp)
 
-    @torch.no_grad()
-    def idle(self) -> None:
+    def idle(self, *, dense: bool = False) -> contextlib.AbstractContextManager:
         if not any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in self.model.parameters()):
-            return  # not partitioned: no collective to keep in step with
+            return contextlib.nullcontext()  # not partitioned: no collective to keep in step with
+        # a real micro-batch's forward (now) and head gathers (when entered), on one 2-token row: a forward alone
+        # would leave the other processes waiting in the head gather of the projected path
         device = next(self.model.parameters()).device
-        ids = torch.zeros((1, 1), dtype=torch.long, device=device)
-        self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return self.token_targets(inputs, torch.ones((1, 1), dtype=torch.bool, device=device), dense=dense)
 
     @torch.no_grad()
     def hidden_states(self, model_inputs: dict, valid: torch.Tensor) -> torch.Tensor:

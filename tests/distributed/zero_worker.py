@@ -126,6 +126,15 @@ def engine_facts(engine) -> dict:
     return facts
 
 
+def teacher_facts(trainer) -> dict:
+    """The teacher's engine and partition facts; with several teachers, one entry per teacher name."""
+    if trainer.teacher is not None:
+        return {"teacher_engine": engine_facts(trainer.teacher), "teacher_params": partition_facts(trainer.teacher)}
+    named = {t.name: t.signal.model for t in getattr(trainer.teacher_signal, "teachers", [])}
+    return {"teachers": {name: {"engine": engine_facts(model), "params": partition_facts(model)}
+                         for name, model in named.items()}}
+
+
 class Step1Snapshot(TrainerCallback):
     """Save the student's full weights after the first optimizer step (a collective on every rank)."""
 
@@ -197,7 +206,15 @@ METHODS = {
     # spans (chunks of about 7 student tokens, never splitting a span)
     "cross_tokenizer": (DistillConfig, RecordingTrainer, dict(loss_chunk_size=7, kd_ratio=0.8,
                                                               cross_tokenizer_loss="hybrid")),
+    # two teachers, each row routed to one by its "domain" column (ROUTES): rank 0's shard holds both teachers'
+    # rows, rank 1's only the "math" teacher's, so under ZeRO-3 the "words" teacher runs an idle forward there
+    "multi_teacher": (DistillConfig, RecordingTrainer, dict(
+        loss_chunk_size=7, kd_ratio=0.7, teacher_routing_column="domain",
+        teachers=[{"name": "words"}, {"name": "math", "weight": 2.0}])),
 }
+
+#: the domain (routed teacher) of each of rows()'s 8 rows under --method multi_teacher
+ROUTES = ["words", "math", "words", "words", "math", "math", "math", "math"]
 
 
 # --on-policy: the trainer class replacing the method's (None: the method's) and the on-policy config fields
@@ -221,6 +238,10 @@ def train(tag: str, mode: str, batch: int, accumulation: int, steps: int, lr: fl
 
         teacher_tokenizer = metaspace_tokenizer(200)
         teacher = tiny_llama(len(teacher_tokenizer), hidden=48, layers=2, seed=2)
+    data = rows()
+    if method == "multi_teacher":
+        teacher = {"words": teacher, "math": tiny_llama(len(tokenizer), hidden=40, layers=2, seed=3)}
+        data = [{**row, "domain": domain} for row, domain in zip(data, ROUTES)]
     if method == "moe_mimic":
         student = upcycle_to_moe(student, num_experts=4, top_k=2, every=1, seed=3)
     init = {name: p.detach().clone() for name, p in student.named_parameters()}
@@ -253,7 +274,7 @@ def train(tag: str, mode: str, batch: int, accumulation: int, steps: int, lr: fl
     )
     snapshot = Step1Snapshot(tag)
     trainer = trainer_class(
-        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows()),
+        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(data),
         processing_class=tokenizer, callbacks=[snapshot],
         **({"teacher_processing_class": teacher_tokenizer} if teacher_tokenizer is not None else {}),
     )
@@ -268,9 +289,8 @@ def train(tag: str, mode: str, batch: int, accumulation: int, steps: int, lr: fl
         "distributed_type": str(trainer.accelerator.distributed_type),
         "is_deepspeed": bool(trainer.is_deepspeed_enabled),
         "student_engine": engine_facts(trainer.model_wrapped),
-        "teacher_engine": engine_facts(trainer.teacher),
         "student_params": partition_facts(trainer.model_wrapped),
-        "teacher_params": partition_facts(trainer.teacher),
+        **teacher_facts(trainer),
         "micro": trainer.micro,
         "log_history": trainer.state.log_history,
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),

@@ -1,0 +1,75 @@
+"""Several teachers, each row routed to one (tests/distributed/zero_worker.py ``--method multi_teacher``), across 2
+real CPU processes: DDP and DeepSpeed ZeRO-3 (the student and both teachers partitioned) each equal one process
+with batch 8, and one process with 4 x 2 gradient accumulation equals it too.
+
+The worker's 8 rows are routed ``words, math, words, words | math, math, math, math``: rank 0's shard (and the
+first micro-batch of 4) holds both teachers' rows, rank 1's (and the second micro-batch) only the math teacher's.
+Under ZeRO-3 the words teacher's parameters are partitioned over both ranks, so rank 1 runs an idle forward of it
+to take part in the gathers rank 0's forward needs; without it the run would hang (the launcher's timeout) or
+gather the wrong shards. The math teacher's weight is 2, so a step that lost the routing (or the weights) would
+differ from the single process far beyond the tolerances, as would one normalised per rank (10 and 45 trained
+tokens in the two halves).
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_distributed import (
+    WORKER,
+    Run,
+    assert_saved_model_loads_full_size,
+    assert_step0_matches_single_process,
+    assert_two_ranks_shared_the_global_batch,
+)
+
+from distributed.launcher import launch, launch_deepspeed_run, run_single
+
+pytestmark = pytest.mark.distributed
+METHOD = ["--method", "multi_teacher"]
+TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict[str, Run]:
+    out = tmp_path_factory.mktemp("multi_single")
+    result = run_single(WORKER, [*METHOD, "--mode", "single", "--runs", "8x1,4x2", "--steps", "1"], timeout=TIMEOUT,
+                        out_dir=out)
+    return {layout: Run(out, f"multi_teacher_single_{layout}", result.seconds) for layout in ("8x1", "4x2")}
+
+
+def assert_per_teacher_tokens_logged(run: Run) -> None:
+    """The step's log counts each teacher's trained tokens (rows 1 and 4-7 are math's, the long ones)."""
+    facts = run.facts()
+    step = next(h for h in facts["log_history"] if "loss" in h)
+    tokens = {name: step[f"tokens/{name}"] for name in ("words", "math")}
+    assert 0 < tokens["words"] < tokens["math"]
+    assert tokens["words"] + tokens["math"] == sum(m["local_tokens"] for m in facts["micro"])
+
+
+def test_accumulation_equals_one_large_batch(single):
+    assert_step0_matches_single_process(single["4x2"], single["8x1"])
+    assert_per_teacher_tokens_logged(single["8x1"])
+
+
+def test_ddp_equals_one_process(tmp_path, single):
+    result = launch(WORKER, nprocs=2, args=[*METHOD, "--mode", "ddp", "--runs", "4x1", "--steps", "1"],
+                    timeout=TIMEOUT, out_dir=tmp_path)
+    run = Run(tmp_path, "multi_teacher_ddp_4x1", result.seconds)
+    assert_two_ranks_shared_the_global_batch(run)
+    assert_step0_matches_single_process(run, single["8x1"])
+
+
+def test_zero3_partitions_both_teachers_and_equals_one_process(tmp_path, single):
+    result = launch_deepspeed_run(WORKER, tmp_path, args=[*METHOD, "--mode", "zero3", "--runs", "4x1", "--steps", "1",
+                                                          "--save"])
+    run = Run(tmp_path, "multi_teacher_zero3_4x1", result.seconds)
+    for rank in (0, 1):
+        facts = run.facts(rank)
+        assert facts["student_engine"]["zero_stage"] == 3
+        assert set(facts["teachers"]) == {"words", "math"}
+        for teacher in facts["teachers"].values():
+            assert teacher["engine"]["class"] == "DeepSpeedEngine"
+            assert all(p["ds_id"] and p["local_numel"] < p["ds_numel"] for p in teacher["params"].values())
+    assert_two_ranks_shared_the_global_batch(run)
+    assert_step0_matches_single_process(run, single["8x1"])
+    assert_saved_model_loads_full_size(run)
