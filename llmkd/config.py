@@ -224,10 +224,13 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
         cache_shard_rows: dataset rows per cache shard (1024).
 
     Parameters of a teacher behind an inference server (docs/SERVED_TEACHERS.md):
-        teacher_server: the base URL of a vLLM server serving the teacher (``vllm serve TEACHER --max-logprobs K``),
-            e.g. ``http://127.0.0.1:8000``: training reads the teacher's top-k log-probabilities of each batch
-            from it (no teacher in the training process), and ``llmkd cache-teacher`` writes its cache from it.
+        teacher_server: the base URL of a vLLM server (``vllm serve TEACHER --max-logprobs K``) or an SGLang server
+            (``python -m sglang.launch_server --model-path TEACHER``) serving the teacher, e.g.
+            ``http://127.0.0.1:8000``: training reads the teacher's top-k log-probabilities of each batch from it
+            (no teacher in the training process), and ``llmkd cache-teacher`` writes its cache from it.
         teacher_server_model: the served model name (None: the only one the server serves).
+        teacher_server_api: ``vllm``, ``sglang`` or ``auto`` (the default: SGLang when the server answers
+            ``GET /get_model_info``, else vLLM); every served teacher of a run speaks it.
         teacher_server_top_k: log-probabilities per position asked for in training (20, vLLM's default
             ``--max-logprobs``; 0: only the sampled tokens', for the sampled-token objective at ``lmbda: 1``); the
             cache writer asks for ``cache_top_k``. The API key, if the server needs one, is
@@ -328,8 +331,10 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
     cache_shard_rows: int = field(default=1024, metadata={"help": "Dataset rows per cache shard."})
     # teacher behind an inference server
     teacher_server: str | None = field(default=None, metadata={
-        "help": "URL of a vLLM server serving the teacher (docs/SERVED_TEACHERS.md)."})
+        "help": "URL of a vLLM or SGLang server serving the teacher (docs/SERVED_TEACHERS.md)."})
     teacher_server_model: str | None = field(default=None, metadata={"help": "The served teacher's model name."})
+    teacher_server_api: str = field(default="auto", metadata={
+        "help": "The server's API: vllm, sglang or auto (detected)."})
     teacher_server_top_k: int = field(default=20, metadata={"help": "Log-probs per position asked of the server."})
     teacher_server_concurrency: int = field(default=8, metadata={"help": "Requests in flight to the server."})
     teacher_server_timeout: float = field(default=120.0, metadata={"help": "Seconds per request to the server."})
@@ -393,6 +398,8 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
                              f"{self.cross_tokenizer_loss!r}.")
         if self.cross_tokenizer_top_k < 1:
             raise ValueError(f"cross_tokenizer_top_k must be >= 1, got {self.cross_tokenizer_top_k}.")
+        if self.teacher_server_api not in ("auto", "vllm", "sglang"):
+            raise ValueError(f"teacher_server_api must be auto, vllm or sglang, got {self.teacher_server_api!r}.")
         if self.teacher_server_top_k < 0 or self.teacher_server_concurrency < 1 or self.teacher_server_retries < 0 \
                 or self.teacher_server_timeout <= 0:
             raise ValueError("teacher_server_top_k must be >= 0 (0: the sampled tokens' log-probabilities only), "

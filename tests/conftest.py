@@ -32,7 +32,7 @@ def single_thread():
 VLLM_ENV_FILES = {
     "test_vllm.py", "test_on_policy.py", "test_trainer.py", "test_losses.py", "test_chunked_engine.py",
     "test_heads.py", "test_data.py", "test_sampled_token.py", "test_completions.py", "test_teacher_signals.py",
-    "test_served_teacher.py", "test_teacher_server.py",
+    "test_served_teacher.py", "test_teacher_server.py", "test_sglang_server.py",
 }
 
 

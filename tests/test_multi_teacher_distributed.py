@@ -6,12 +6,14 @@ The worker's 8 rows are routed ``words, math, words, words | math, math, math, m
 first micro-batch of 4) holds both teachers' rows, rank 1's (and the second micro-batch) only the math teacher's.
 Under ZeRO-3 the words teacher's parameters are partitioned over both ranks, so rank 1 runs an idle forward of it
 to take part in the gathers rank 0's forward needs; without it the run would hang (the launcher's timeout) or
-gather the wrong shards. The math teacher's weight is 2, so a step that lost the routing (or the weights) would
+gather the wrong shards (an FSDP2 test does the same with torch's own sharding). The math teacher's weight is 2, so a step that lost the routing (or the weights) would
 differ from the single process far beyond the tolerances, as would one normalised per rank (10 and 45 trained
 tokens in the two halves).
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from test_distributed import (
@@ -73,3 +75,22 @@ def test_zero3_partitions_both_teachers_and_equals_one_process(tmp_path, single)
     assert_two_ranks_shared_the_global_batch(run)
     assert_step0_matches_single_process(run, single["8x1"])
     assert_saved_model_loads_full_size(run)
+
+
+def test_fsdp2_routed_teachers_stay_in_step_when_a_rank_has_no_rows_of_one(tmp_path):
+    """tests/distributed/fsdp_multi_teacher_worker.py: both teachers sharded with FSDP2, rank 1 without a row of
+    teacher a. The run ends (no collective left waiting) and every group's logits are its unsharded teacher's on
+    its rows: the same float32 forward, sharded or not, so within a few roundings of sums of 48 products of
+    values <= 4 (bound 1e-4, far below a wrong shard's or another row's logits, which differ by > 0.1)."""
+    launch("tests/distributed/fsdp_multi_teacher_worker.py", nprocs=2, timeout=TIMEOUT, out_dir=tmp_path)
+    ranks = [json.loads((tmp_path / f"fsdp_multi.rank{r}.json").read_text()) for r in (0, 1)]
+    for facts in ranks:
+        assert facts["sharded"] == {"a": True, "b": True}
+        assert len(facts["steps"]) == 4
+    for step in ranks[0]["steps"]:  # rank 0: rows of both teachers
+        assert step["groups"]["a"]["rows"] == 2 and step["groups"]["b"]["rows"] == 1
+        for group in step["groups"].values():
+            assert group["tokens"] > 0 and group["max_diff"] < 1e-4 < 0.1 < group["scale"]
+    for step in ranks[1]["steps"]:  # rank 1: teacher a idle
+        assert step["groups"]["a"] == {"tokens": 0, "rows": 0}
+        assert step["groups"]["b"]["tokens"] == 16 and step["groups"]["b"]["max_diff"] < 1e-4

@@ -127,21 +127,25 @@ def assert_same_cache(served: TeacherCache, local: TeacherCache, rows: list[int]
     torch.testing.assert_close(tail_s.exp(), tail_l.exp(), rtol=2e-3, atol=LOGPROB_BOUND)
 
 
-def test_cache_from_the_server_equals_the_local_teacher_pass(server, local_teacher, teacher_dir, tmp_path):
+def check_cache_from_the_server(client: TeacherServer, local_teacher, tmp_path, root: str) -> None:
+    """The cache written through ``client`` equals the cache of the local teacher pass (and the comparison can
+    fail: another weight moves it far beyond the bound); ``root`` is the model the server says it serves."""
     tokenizer = make_tokenizer()
     prepared = prepared_rows(tokenizer)
     settings = dict(top_k=TOP_K, temperature=1.0, shard_rows=10, logprob_bits=32, progress=False)
     local = write_teacher_cache(local_teacher, prepared, tokenizer, tmp_path / "local", batch_size=4, **settings)
-    client = TeacherServer(server.url, concurrency=4)
     served = write_teacher_cache(client, prepared, tokenizer, tmp_path / "served", batch_size=16, **settings)
-    assert served.metadata["teacher"] == str(teacher_dir)  # the server's model root
+    assert served.metadata["teacher"] == root
     assert served.num_tokens == local.num_tokens
     assert_same_cache(served, local, list(range(len(prepared))))
     assert served.verify()["rows"] == len(prepared)
-    # a wrong weight moves the cache far beyond the bound: the comparison can fail
     other = tiny_llama(len(tokenizer), hidden=64, seed=4, num_attention_heads=2, num_key_value_heads=2)
     moved = write_teacher_cache(other, prepared, tokenizer, tmp_path / "other", batch_size=4, **settings)
     assert (moved.rows([0])[1] - local.rows([0])[1]).abs().max() > 0.1
+
+
+def test_cache_from_the_server_equals_the_local_teacher_pass(server, local_teacher, teacher_dir, tmp_path):
+    check_cache_from_the_server(TeacherServer(server.url, concurrency=4), local_teacher, tmp_path, str(teacher_dir))
 
 
 def test_cache_teacher_command_with_a_server(server, teacher_dir, tmp_path):
@@ -178,14 +182,17 @@ def train(tmp_path, tokenizer, data, **fields):
     return trainer, initial, [p.detach().clone() for p in student.parameters()], losses
 
 
-def test_training_from_the_server_equals_training_from_the_local_cache(server, local_teacher, tmp_path):
+def check_training_from_the_server(url: str, local_teacher, tmp_path, **server_fields):
+    """Three SGD steps from the server at ``url`` equal three steps from the local teacher's cache at the same k;
+    every row was requested once, ahead of its step, by the collator's prefetch. Returns the served run's
+    trainer."""
     tokenizer = make_tokenizer()
     data = Dataset.from_list(prompt_completion_rows(16))
     prepared = prepare_dataset(data, tokenizer, max_length=128, completion_only_loss=True)
     write_teacher_cache(local_teacher, prepared, tokenizer, tmp_path / "cache", top_k=TOP_K, temperature=1.0,
                         shard_rows=8, batch_size=4, logprob_bits=32, progress=False)
-    served, initial, weights_served, losses_served = train(tmp_path, tokenizer, data, teacher_server=server.url,
-                                                           teacher_server_top_k=TOP_K)
+    served, initial, weights_served, losses_served = train(tmp_path, tokenizer, data, teacher_server=url,
+                                                           teacher_server_top_k=TOP_K, **server_fields)
     _, _, weights_cached, losses_cached = train(tmp_path, tokenizer, data, teacher_cache=str(tmp_path / "cache"))
     # SGD: the weights move by lr * gradient, whose difference is bounded by the targets' (LOGPROB_BOUND per
     # log-probability, times the mean over tokens): within lr * LOGPROB_BOUND per step
@@ -194,9 +201,13 @@ def test_training_from_the_server_equals_training_from_the_local_cache(server, l
     np.testing.assert_allclose(losses_served, losses_cached, rtol=0, atol=LOGPROB_BOUND)
     assert losses_served[-1] < losses_served[0]
     assert max((a - b).abs().max() for a, b in zip(weights_served, initial)) > 0.01
-    signal_ = served.teacher_signal
-    # every row was requested once, ahead of its step, by the collator's prefetch
-    assert signal_.rows_prefetched == signal_.rows_requested
+    assert served.teacher_signal.rows_prefetched == served.teacher_signal.rows_requested
+    return served
+
+
+def test_training_from_the_server_equals_training_from_the_local_cache(server, local_teacher, tmp_path):
+    served = check_training_from_the_server(server.url, local_teacher, tmp_path)
+    assert served.teacher_signal.server.api == "vllm"
 
 
 def test_on_policy_samples_are_scored_by_the_server(server, local_teacher, tmp_path):

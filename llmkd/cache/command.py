@@ -13,8 +13,8 @@ prepared with the tokenizer the trainer uses (the student's when the recipe name
 ``cache_temperature`` and ``cache_shard_rows``. The cache goes to ``--output_dir`` (default: the recipe's
 ``teacher_cache``).
 
-With ``teacher_server`` (a recipe field or ``--teacher_server URL``) the teacher is a vLLM server
-(docs/SERVED_TEACHERS.md): no teacher is loaded here, its tokenizer is checked against the run's, and the same
+With ``teacher_server`` (a recipe field or ``--teacher_server URL``) the teacher is a vLLM or SGLang
+server (docs/SERVED_TEACHERS.md): no teacher is loaded here, its tokenizer is checked against the run's, and the same
 cache is written from its top-k log-probabilities (temperature 1), ``--batch_size`` rows of requests at a time
 (default ``4 * teacher_server_concurrency``). A rerun after a failure resumes from the shards written.
 """

@@ -1,10 +1,18 @@
 """An HTTP client for a teacher behind an inference server (:class:`TeacherServer`).
 
-It asks an OpenAI-compatible completions endpoint (vLLM's ``POST /v1/completions``) to score token ids it is given:
-the request's ``prompt`` is the row's token ids and ``prompt_logprobs: k`` makes the server return, at every
-position after the first, the top-k log-probabilities of the next token plus the log-probability of the token that
-follows in the row. One row per request: the server batches concurrent requests itself (continuous batching), and
-the client keeps up to ``concurrency`` of them in flight.
+It asks the server to score token ids it is given, through the server's documented API:
+
+- vLLM (``vllm serve``): the OpenAI-compatible ``POST /v1/completions`` with the row's token ids as ``prompt`` and
+  ``prompt_logprobs: k``, which returns, at every position after the first, the top-k log-probabilities of the
+  next token plus the log-probability of the token that follows in the row;
+- SGLang (``python -m sglang.launch_server``): the native ``POST /generate`` with ``input_ids``,
+  ``return_logprob``, ``logprob_start_len: 0`` and ``top_logprobs_num: k``, which returns the same two things as
+  ``meta_info.input_top_logprobs`` and ``meta_info.input_token_logprobs``.
+
+``api="auto"`` tells them apart by SGLang's ``GET /get_model_info``, which vLLM does not have. Both servers serve
+``/v1/models`` (the model name and ``max_model_len``) and ``/tokenize`` (the tokenizer check). One row per
+request: the server batches concurrent requests itself (continuous batching), and the client keeps up to
+``concurrency`` of them in flight.
 
 Failures: a connection error, a timeout, HTTP 429 or a 5xx answer is retried ``max_retries`` times with
 exponential backoff (``backoff_s * 2^attempt``, at most ``max_backoff_s``); then, or at once for any other 4xx
@@ -23,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from .scores import RowScores, row_scores
+from .scores import RowScores, row_scores, sglang_row_scores
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +46,9 @@ PROBE_TEXTS = (
 )
 
 
+#: the server APIs :class:`TeacherServer` speaks (``auto``: detected at start)
+SERVER_APIS = ("auto", "vllm", "sglang")
+
 #: the environment variable holding the server's API key (kept out of recipes, which are shared and logged)
 API_KEY_VARIABLE = "LLMKD_TEACHER_SERVER_API_KEY"
 
@@ -48,11 +59,13 @@ class TeacherServerError(RuntimeError):
 
 
 class TeacherServer:
-    """A teacher model served over HTTP (vLLM's OpenAI-compatible server: ``vllm serve MODEL --max-logprobs K``).
+    """A teacher model served over HTTP: vLLM's OpenAI-compatible server (``vllm serve MODEL --max-logprobs K``) or
+    SGLang's (``python -m sglang.launch_server --model-path MODEL``).
 
     Args:
         url: the server's base URL, e.g. ``http://127.0.0.1:8000`` (a trailing ``/v1`` is accepted).
         model: the served model name to request; None takes the only model the server serves.
+        api: ``"vllm"``, ``"sglang"`` or ``"auto"`` (SGLang when the server answers ``GET /get_model_info``).
         api_key: sent as a bearer token when given (``vllm serve --api-key``).
         timeout_s: seconds one request may take before it is retried.
         max_retries: retries of a request that failed for a transient reason (connection, timeout, 429, 5xx).
@@ -60,10 +73,13 @@ class TeacherServer:
         concurrency: requests in flight at once.
     """
 
-    def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None, timeout_s: float = 120.0,
-                 max_retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 30.0, concurrency: int = 8):
+    def __init__(self, url: str, *, model: str | None = None, api: str = "auto", api_key: str | None = None,
+                 timeout_s: float = 120.0, max_retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
+                 concurrency: int = 8):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"teacher_server must be an http(s) URL such as http://127.0.0.1:8000, got {url!r}.")
+        if api not in SERVER_APIS:
+            raise ValueError(f"teacher_server_api must be one of {SERVER_APIS}, got {api!r}.")
         if concurrency < 1 or max_retries < 0 or timeout_s <= 0:
             raise ValueError(f"concurrency must be >= 1, max_retries >= 0 and timeout_s > 0; got {concurrency}, "
                              f"{max_retries}, {timeout_s}.")
@@ -93,13 +109,15 @@ class TeacherServer:
         self.max_model_len = entry.get("max_model_len")
         #: what the server says it serves (``root``: the weights' path or Hub name, for the cache's metadata)
         self.model_root = entry.get("root") or model
+        #: the API scored rows go through: "vllm" (/v1/completions) or "sglang" (/generate)
+        self.api = api if api != "auto" else ("sglang" if self._answers("/get_model_info") else "vllm")
 
     @classmethod
     def from_config(cls, args, url: str | None = None, model: str | None = None) -> "TeacherServer":
         """The server a config names (``teacher_server*`` fields, or ``url`` / ``model`` of a ``teachers`` entry;
         the API key from :data:`API_KEY_VARIABLE`)."""
         return cls(url or args.teacher_server, model=model if url else args.teacher_server_model,
-                   api_key=os.environ.get(API_KEY_VARIABLE),
+                   api=args.teacher_server_api, api_key=os.environ.get(API_KEY_VARIABLE),
                    timeout_s=args.teacher_server_timeout, max_retries=args.teacher_server_retries,
                    concurrency=args.teacher_server_concurrency)
 
@@ -148,15 +166,26 @@ class TeacherServer:
             attempt += 1
             time.sleep(wait)
 
+    def _answers(self, path: str) -> bool:
+        """Whether ``GET path`` succeeds, asked once (no retry: the server answered /v1/models just before)."""
+        import requests
+
+        try:
+            return self._session().get(self.url + path, timeout=self.timeout_s).ok
+        except requests.RequestException:
+            return False
+
     def served_models(self) -> list[dict]:
         """``GET /v1/models``: what the server serves (``id``, ``max_model_len``, ``root``, ...)."""
         return self._request("GET", "/v1/models").get("data", [])
 
     # ------------------------------------------------------------------------------------------------ checks
     def tokenize(self, text: str) -> list[int]:
-        """The server's tokenization of ``text`` without special tokens (vLLM's ``POST /tokenize``)."""
-        return self._request("POST", "/tokenize", {"model": self.model, "prompt": text,
-                                                   "add_special_tokens": False})["tokens"]
+        """The server's tokenization of ``text`` without special tokens (``POST /tokenize``, vLLM's and SGLang's)."""
+        body = {"prompt": text, "add_special_tokens": False}
+        if self.api == "vllm":
+            body["model"] = self.model
+        return self._request("POST", "/tokenize", body)["tokens"]
 
     def check_tokenizer(self, tokenizer) -> None:
         """Refuse a server whose tokenizer is not ``tokenizer``: :data:`PROBE_TEXTS` and ``tokenizer``'s special
@@ -185,6 +214,8 @@ class TeacherServer:
         ids = [int(i) for i in token_ids]
         if len(ids) < 2:
             return row_scores([None] * len(ids), ids, top_k)
+        if self.api == "sglang":
+            return self._score_sglang(ids, top_k)
         body = {"model": self.model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": top_k}
         answer = self._request("POST", "/v1/completions", body)
         try:
@@ -193,6 +224,20 @@ class TeacherServer:
             raise TeacherServerError(f"The server's answer has no prompt_logprobs ({json.dumps(answer)[:300]}): it "
                                      "must be vLLM's OpenAI-compatible server (vllm serve).") from None
         return row_scores(entries, ids, top_k)
+
+    def _score_sglang(self, ids: list[int], top_k: int) -> RowScores:
+        # one new token is sampled and thrown away: the prompt's log-probabilities are the answer. Temperature 1 and
+        # no top-k/top-p: SGLang turns temperature 0 into top_k 1, and its temperature-scaled log-probabilities
+        # (temp_scaled_logprobs) would then be of another distribution
+        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 1.0},
+                "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": top_k,
+                "return_text_in_logprobs": False}
+        answer = self._request("POST", "/generate", body)
+        meta_info = answer.get("meta_info") if isinstance(answer, dict) else None
+        if not isinstance(meta_info, dict):
+            raise TeacherServerError(f"The server's answer has no meta_info ({json.dumps(answer)[:300]}): it must be "
+                                     "SGLang's server (python -m sglang.launch_server), or set teacher_server_api.")
+        return sglang_row_scores(meta_info, ids, top_k)
 
     def submit(self, token_ids, top_k: int) -> Future:
         """:meth:`score` in a background thread (at most ``concurrency`` at once)."""
@@ -211,7 +256,7 @@ class TeacherServer:
             self._pool = None
 
     def __repr__(self) -> str:
-        return f"TeacherServer({self.url!r}, model={self.model!r})"
+        return f"TeacherServer({self.url!r}, model={self.model!r}, api={self.api!r})"
 
 
 def _error_message(response) -> str:

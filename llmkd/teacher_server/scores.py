@@ -1,4 +1,5 @@
-"""A served teacher's answer for one row, as arrays (:class:`RowScores`, :func:`row_scores`)."""
+"""A served teacher's answer for one row, as arrays (:class:`RowScores`; :func:`row_scores` reads vLLM's answer,
+:func:`sglang_row_scores` SGLang's)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,41 @@ def row_scores(entries: list, token_ids: list[int], top_k: int) -> RowScores:
         if mine is None:
             raise ValueError(f"The server's answer at position {u + 1} lacks the row's own token {token_ids[u + 1]}.")
         own[u] = mine["logprob"]
+    return RowScores(ids, log_probs, tail_log_prob(log_probs), own, np.asarray(token_ids[1:], dtype=np.int64))
+
+
+def sglang_row_scores(meta_info: dict, token_ids: list[int], top_k: int) -> RowScores:
+    """:class:`RowScores` from the ``meta_info`` of SGLang's native ``/generate`` answer for a row asked with
+    ``return_logprob``, ``logprob_start_len: 0`` and ``top_logprobs_num: k``: ``input_token_logprobs[i]`` is
+    ``[log p(ids[i] | ids[:i]), ids[i], text]`` and ``input_top_logprobs[i]`` the list of the k
+    ``[log p, token id, text]`` of that position, both with ``None`` in place of the log-probabilities of the first
+    token (no prefix). An answer without that first entry (``L - 1`` of them) is read from position 1."""
+    positions = max(len(token_ids) - 1, 0)
+    own_entries = meta_info.get("input_token_logprobs")
+    top_entries = meta_info.get("input_top_logprobs") if top_k else [None] * len(token_ids)
+    if own_entries is None or top_entries is None:
+        raise ValueError("The SGLang answer has no input_token_logprobs / input_top_logprobs: it must be asked with "
+                         "return_logprob and logprob_start_len 0 (SGLang's native /generate).")
+    own_entries, top_entries = (entries[-positions:] if positions else [] for entries in (own_entries, top_entries))
+    if len(own_entries) != positions or len(top_entries) != positions:
+        raise ValueError(f"The server scored {len(own_entries)} positions of a {len(token_ids)}-token row: it must "
+                         "return the log-probabilities of every prompt token (logprob_start_len 0).")
+    ids = np.zeros((positions, top_k), dtype=np.int64)
+    log_probs = np.full((positions, top_k), -np.inf, dtype=np.float32)
+    own = np.zeros(positions, dtype=np.float32)
+    for u in range(positions):
+        value, token = own_entries[u][0], int(own_entries[u][1])
+        if value is None or token != token_ids[u + 1]:
+            raise ValueError(f"The server's log-probability at position {u + 1} is {value} of token {token}, not of "
+                             f"the row's token {token_ids[u + 1]}.")
+        own[u] = value
+        if top_k:
+            ranked = sorted(((-float(entry[0]), int(entry[1])) for entry in top_entries[u] or []))[:top_k]
+            if len(ranked) != top_k:
+                raise ValueError(f"The server returned {len(ranked)} top log-probabilities at position {u + 1}, "
+                                 f"not top_logprobs_num={top_k}.")
+            ids[u] = [token for _, token in ranked]
+            log_probs[u] = [-value for value, _ in ranked]
     return RowScores(ids, log_probs, tail_log_prob(log_probs), own, np.asarray(token_ids[1:], dtype=np.int64))
 
 

@@ -62,8 +62,8 @@ class ServedTeacher(TeacherSignal):
                  sampled_token: bool = False, max_pending: int = 4096):
         if temperature != 1.0:
             raise ValueError(f"temperature={temperature} with teacher_server: a server returns the log-probabilities "
-                             "of the tokens it scores at temperature 1 (vLLM applies no temperature to prompt "
-                             "tokens), and another temperature's top-k needs the whole distribution. Set "
+                             "of the tokens it scores at temperature 1 (vLLM and SGLang apply no temperature to "
+                             "prompt tokens), and another temperature's top-k needs the whole distribution. Set "
                              "temperature: 1.0, or run the teacher locally.")
         if top_k == 0 and not sampled_token:
             raise ValueError("teacher_server_top_k=0 asks for the sampled tokens' log-probabilities only, which only "
