@@ -1,8 +1,9 @@
 """A teacher behind an SGLang server (its native ``/generate`` API), against tests/sglang_standin.py: a real HTTP
 server on 127.0.0.1 answering SGLang's documented protocol with a real tiny model's log-probabilities (SGLang
 itself has no CPU build this machine can install; the stand-in's docstring says why and what it follows). The
-cache written through it against the local teacher pass, training through it against training from that cache,
-sampled-token scoring, the API detection, retries, and the refusal of malformed answers.
+cache written through it against the local teacher pass, training through it against training from that cache
+(alone, and as one of two routed teachers), sampled-token scoring, the API detection, retries, a run stopped by a
+failing server, and the refusal of malformed answers.
 
 Tolerances: the stand-in runs the local teacher's own float32 weights one row at a time, the local pass in padded
 batches of 4, so the two differ by float32 rounding of the same sums (relative ~1e-6 of |log p| < 10); the bound
@@ -15,10 +16,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 
 from sglang_standin import SGLangStandIn
-from test_served_teacher import LOGPROB_BOUND, check_cache_from_the_server, check_training_from_the_server
-from utils import make_tokenizer, tiny_llama
+from test_served_teacher import (
+    LOGPROB_BOUND,
+    TOP_K,
+    check_cache_from_the_server,
+    check_training_from_the_server,
+    train,
+)
+from utils import make_tokenizer, prompt_completion_rows, tiny_llama
+from llmkd.cache import write_teacher_cache
+from llmkd.data import prepare_dataset
 from llmkd.teacher_server import TeacherServer, TeacherServerError, sglang_row_scores
 
 
@@ -113,3 +123,46 @@ def test_malformed_answers_are_refused():
                           ids, 2)
     with pytest.raises(ValueError, match="scored 1 positions of a 3-token row"):
         sglang_row_scores({"input_token_logprobs": good_own[2:], "input_top_logprobs": good_top[2:]}, ids, 2)
+
+
+def test_a_served_teacher_among_several(server, teacher, tmp_path):
+    """Two routed teachers, a local one and one behind the server: the run equals the run with the served teacher
+    replaced by its local cache at the same k (the words teacher's weight 2 doubles its share of the bound), and
+    the server is asked for that teacher's rows only."""
+    tokenizer = make_tokenizer()
+    rows = prompt_completion_rows(16)
+    for i, row in enumerate(rows):
+        row["domain"] = "words" if i % 3 == 0 else "math"
+    data = Dataset.from_list(rows)
+    math_dir = tmp_path / "math"
+    tiny_llama(len(tokenizer), hidden=48, seed=8).save_pretrained(math_dir)
+    tokenizer.save_pretrained(math_dir)
+    prepared = prepare_dataset(data.remove_columns("domain"), tokenizer, max_length=128, completion_only_loss=True)
+    write_teacher_cache(teacher, prepared, tokenizer, tmp_path / "cache", top_k=TOP_K, temperature=1.0,
+                        shard_rows=8, batch_size=4, logprob_bits=32, progress=False)
+    math = {"name": "math", "model_name_or_path": str(math_dir)}
+    sources = {"served": {"teacher_server": server.url}, "cached": {"teacher_cache": str(tmp_path / "cache")}}
+    runs = {source: train(tmp_path / source, tokenizer, data, teachers=[math, {"name": "words", "weight": 2.0, **words}],
+                          teacher_routing_column="domain", teacher_server_top_k=TOP_K)
+            for source, words in sources.items()}
+    (served, initial, weights_served, losses_served), (cached, _, weights_cached, losses_cached) = runs.values()
+    for a, b in zip(weights_served, weights_cached):
+        torch.testing.assert_close(a, b, rtol=0, atol=2 * 3 * 0.5 * LOGPROB_BOUND)
+    np.testing.assert_allclose(losses_served, losses_cached, rtol=0, atol=2 * LOGPROB_BOUND)
+    assert max((a - b).abs().max() for a, b in zip(weights_served, initial)) > 0.01
+    logs_served, logs_cached = ([h for h in t.state.log_history if "loss" in h] for t in (served, cached))
+    assert [h["tokens/words"] for h in logs_served] == [h["tokens/words"] for h in logs_cached]
+    assert sum(h["tokens/words"] for h in logs_served) > 0 and all("kd_loss/math" in h for h in logs_served)
+    words = served.teacher_signal.teachers[1].signal
+    assert 0 < words.rows_requested <= 6 and words.rows_prefetched == words.rows_requested  # 6 words rows of 16
+
+
+def test_training_stops_with_a_clear_error_when_the_server_keeps_failing(server, tmp_path):
+    tokenizer = make_tokenizer()
+    server.fail_next = 10 ** 6
+    try:
+        with pytest.raises(TeacherServerError, match="failed POST /generate 2 times.*HTTP 503.*reachable"):
+            train(tmp_path, tokenizer, Dataset.from_list(prompt_completion_rows(8)), teacher_server=server.url,
+                  teacher_server_top_k=4, teacher_server_retries=1)
+    finally:
+        server.fail_next = 0
