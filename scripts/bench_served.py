@@ -11,12 +11,15 @@ Measured:
 
 1. writing the teacher cache (k = ``--top_k``): tokens/s of the local teacher pass and of the server;
 2. a training step (batch ``--batch``, forward KL through the chunked engine, k = ``--top_k``): median seconds per
-   step after the first, from the cache written by the local pass, with the local teacher online, and from the
-   server with and without the collator's prefetch.
+   step after the first, from the cache written by the local pass, with the local teacher online, from the server
+   with and without the collator's prefetch, and from a replaying proxy.
 
 On this machine the server computes on the same CPU cores as the training, so a served step pays the teacher's
 forward, as an online step does; with the server on its own GPUs that forward leaves the training machine, and
-what remains is the latency the prefetch hides. ``--write`` replaces BENCHMARKS.md's section between its markers.
+what remains is llmkd's side: the requests, the JSON answers turned into targets, and the latency the prefetch
+hides. The replaying proxy measures that side here: a separate process in front of the vLLM server that forwards
+each request once (a warm-up pass over every row) and then answers it again from memory, so that a step pays the
+whole HTTP round trip and parsing but no teacher compute. ``--write`` replaces BENCHMARKS.md's section between its markers.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import time
 
+import requests
 import torch
 from datasets import Dataset
 
@@ -58,8 +62,6 @@ def start_server(model_dir: str, top_k: int, seq: int, log_path: str):
          "--served-model-name", "teacher"],
         env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    import requests
-
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -71,6 +73,63 @@ def start_server(model_dir: str, top_k: int, seq: int, log_path: str):
             pass
         time.sleep(1)
     raise RuntimeError("the vLLM server did not start in 600 s")
+
+
+def serve_replay(port: int, upstream: str) -> None:
+    """A proxy on 127.0.0.1:``port`` in front of ``upstream``: each distinct request (method, path, body) is
+    forwarded once and its answer kept; repeats are answered from memory."""
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answers: dict[tuple, tuple[int, bytes]] = {}
+    counts = {"forwarded": 0, "replayed": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, method: str) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.path == "/replay_counts":
+                answers[(method, self.path, body)] = (200, json.dumps(counts).encode())
+            key = (method, self.path, body)
+            counts["replayed" if key in answers else "forwarded"] += 1
+            if key not in answers:
+                response = requests.request(method, upstream + self.path, data=body,
+                                            headers={"Content-Type": "application/json"}, timeout=600)
+                answers[key] = (response.status_code, response.content)
+            status, content = answers[key]
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+
+        def do_GET(self):  # noqa: N802
+            self._answer("GET")
+
+        def do_POST(self):  # noqa: N802
+            self._answer("POST")
+
+        def log_message(self, *args):
+            pass
+
+    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+
+
+def start_replay(upstream: str):
+    import multiprocessing
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = multiprocessing.get_context("spawn").Process(target=serve_replay, args=(port, upstream), daemon=True)
+    process.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if requests.get(url + "/v1/models", timeout=2).ok:
+                return process, url
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise RuntimeError("the replaying proxy did not start")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,12 +172,19 @@ def main(argv: list[str] | None = None) -> int:
             cache_rates[mode] = cache.num_tokens / (time.perf_counter() - started)
             print(f"cache from the {mode} teacher: {cache_rates[mode]:.0f} tokens/s", flush=True)
 
+        replay, replay_url = start_replay(url)
+        warm = TeacherServer(replay_url, concurrency=args.concurrency)
+        warm.check_tokenizer(tokenizer)
+        warm.score_rows([row["input_ids"] for row in prepared], args.top_k)  # every row's answer, kept
+        warm.close()
+        before = requests.get(replay_url + "/replay_counts", timeout=10).json()
         steps = args.rows // args.batch
         medians = {}
-        for mode in ("cache", "online", "served", "served_no_prefetch"):
+        for mode in ("cache", "online", "served", "served_no_prefetch", "served_replay"):
             timer = StepTimes()
             fields = {"cache": {"teacher_cache": os.path.join(folder, "cache-local")}, "online": {},
-                      "served": {"teacher_server": url}, "served_no_prefetch": {"teacher_server": url}}[mode]
+                      "served": {"teacher_server": url}, "served_no_prefetch": {"teacher_server": url},
+                      "served_replay": {"teacher_server": replay_url}}[mode]
             config = DistillConfig(
                 output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=steps,
                 learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to="none", disable_tqdm=True,
@@ -132,8 +198,14 @@ def main(argv: list[str] | None = None) -> int:
             trainer.train()
             medians[mode] = statistics.median(timer.times[1:])
             print(f"{mode}: median {medians[mode]:.3f} s/step over steps 2..{steps}", flush=True)
+        after = requests.get(replay_url + "/replay_counts", timeout=10).json()
+        forwarded = after["forwarded"] - before["forwarded"]
+        print(f"replaying proxy during its training mode: {after['replayed'] - before['replayed'] - 1} requests "
+              f"replayed, {forwarded} forwarded", flush=True)
     finally:
         os.killpg(server.pid, signal.SIGKILL)
+        if "replay" in locals():
+            replay.kill()
 
     command = "OMP_NUM_THREADS=1 .venv-vllm/bin/python scripts/bench_served.py --write"
     lines += [
@@ -142,14 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.python_version()}, torch {torch.__version__}. Teacher {args.teacher_layers} x "
         f"{args.teacher_hidden}, student 2 x 256, vocabulary {args.vocab}, {args.rows} rows of {args.seq} tokens, "
         f"batch {args.batch}, k = {args.top_k}, {args.concurrency} requests in flight; the server (vLLM CPU, "
-        "float32) on the same cores.", "",
+        "float32) on the same cores. The replaying proxy answered the training's requests from memory "
+        f"({forwarded} of them forwarded to the server).", "",
         "| teacher cache written by | tokens/s | / local |", "|---|---|---|",
         f"| the local teacher pass | {cache_rates['local']:.0f} | 1.00x |",
         f"| the vLLM server | {cache_rates['server']:.0f} | {cache_rates['server'] / cache_rates['local']:.2f}x |",
         "", "| training step, teacher targets from | sec/step | / cache |", "|---|---|---|",
     ]
     names = {"cache": "the cache (local pass, k = top_k)", "online": "the local teacher, online",
-             "served": "the server, prefetched", "served_no_prefetch": "the server, no prefetch"}
+             "served": "the server, prefetched", "served_no_prefetch": "the server, no prefetch",
+             "served_replay": "a proxy replaying the server's answers, prefetched"}
     for mode, name in names.items():
         lines.append(f"| {name} | {medians[mode]:.3f} | {medians[mode] / medians['cache']:.2f}x |")
     table = "\n".join(lines)
