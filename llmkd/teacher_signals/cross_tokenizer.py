@@ -9,7 +9,9 @@ head); the configured token loss is replaced by that loss (:meth:`CrossTokenizer
 (the configured divergence, or TAID's interpolation, on the shared vocabulary of 1:1 spans) or span likelihood.
 
 From a teacher cache instead of a model (``cache=``, written by ``llmkd cache-teacher`` for the aligned rows), the
-targets are the cached top-k of the teacher's tokens in trained spans, densified with a uniform tail.
+targets are the cached top-k of the teacher's tokens in trained spans, densified with a uniform tail. From a teacher
+server (``server=``), they are the same top-k + tail, asked of the server for the teacher's tokens of each row
+(:class:`~llmkd.teacher_signals.ServedTeacher` on the teacher's columns, prefetched a batch ahead).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ..losses import (
 from ..teacher import gathered_head_parameters, prepare_teacher
 from .base import TeacherSignal
 from .cached import CACHE_ROW, cached_targets, tag_cached_rows
+from .served import ServedTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,8 @@ class CrossTokenizerTeacher(TeacherSignal):
 
         cache: a :class:`~llmkd.cache.TeacherCache` written for these aligned rows and tokenizers (then ``model``
             is None).
+        server / server_top_k: a :class:`~llmkd.teacher_server.TeacherServer` serving the teacher, and the
+            log-probabilities per position asked of it (then ``model`` is None; temperature 1).
         num_proc: processes aligning the dataset's rows (``dataset_num_proc``).
 
     ``vocab_size`` is the student's (its tokenizer's length, within its head); the teacher's distributions are over
@@ -73,7 +78,7 @@ class CrossTokenizerTeacher(TeacherSignal):
 
     def __init__(self, model, student, student_tokenizer, teacher_tokenizer, *, loss: str, top_k: int = 64,
                  temperature: float = 1.0, shared_weight: float | None = None, rest_weight: float | None = None,
-                 cache=None, num_proc: int | None = None):
+                 cache=None, num_proc: int | None = None, server=None, server_top_k: int = 20):
         if loss not in CROSS_TOKENIZER_LOSSES:
             raise ValueError(f"cross_tokenizer_loss must be one of {CROSS_TOKENIZER_LOSSES}, got {loss!r}.")
         self.model, self.loss, self.cache, self.num_proc = model, loss, cache, num_proc
@@ -82,7 +87,12 @@ class CrossTokenizerTeacher(TeacherSignal):
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
         self.aligner = RowAligner(student_tokenizer, teacher_tokenizer)
         self.vocab_size = min(len(student_tokenizer), head_rows(student))
-        if cache is not None:
+        self.served = None
+        if server is not None:  # the teacher's own rows to the server, its tokenizer checked against the server's
+            self.served = ServedTeacher(server, None, teacher_tokenizer, top_k=server_top_k, temperature=temperature,
+                                        columns=(TEACHER_INPUT_IDS, TEACHER_ATTENTION_MASK))
+            self.teacher_vocab_size = self.served.vocab_size
+        elif cache is not None:
             self.teacher_vocab_size = cache.vocab_size
             if cache.vocab_size != len(teacher_tokenizer):
                 raise ValueError(f"The cache's distributions cover {cache.vocab_size} tokens but the teacher's "
@@ -130,7 +140,13 @@ class CrossTokenizerTeacher(TeacherSignal):
                              "the teacher's tokenization of each row fits.")
         if self.cache is not None:  # checked against the rows and both tokenizers, then tagged with the row index
             return tag_cached_rows(self.cache, aligned, tokenizer, split, teacher_tokenizer=self.teacher_tokenizer)
+        if self.served is not None:  # the teacher's rows must fit the server's context
+            return self.served.prepare_dataset(aligned, tokenizer, split)
         return aligned
+
+    def prefetch(self, batch: dict) -> None:
+        if self.served is not None:
+            self.served.prefetch(batch)
 
     def completions_batch(self, batch: dict) -> dict:
         """Re-tokenize and re-align each row of a batch of generated completions (``input_ids`` / ``attention_mask``
@@ -199,6 +215,10 @@ class CrossTokenizerTeacher(TeacherSignal):
             cached = cached_targets(self.cache, rows, teacher_labels.numel(), self.teacher_vocab_size,
                                     teacher_ids.device)
             return contextlib.nullcontext(AlignedTeacher(cached, student_global, teacher_global, teacher_labels,
+                                                         self.teacher_vocab_size, self.shared))
+        if self.served is not None:  # the server's top-k + tail at the teacher's tokens of trained spans
+            served = self.served.sparse_targets(teacher_ids, teacher_mask, teacher_valid)
+            return contextlib.nullcontext(AlignedTeacher(served, student_global, teacher_global, teacher_labels,
                                                          self.teacher_vocab_size, self.shared))
         inputs = {"input_ids": teacher_ids, "attention_mask": teacher_mask, "use_cache": False}
         if dense:

@@ -26,10 +26,6 @@ def open_teacher_server(args, teacher_model, teacher_cache, task: str):
     if task != "causal_lm":
         raise ValueError("teacher_server serves token distributions of causal LMs; sequence classifiers need a live "
                          "teacher.")
-    if args.cross_tokenizer_loss is not None:
-        raise ValueError("A served teacher with another tokenizer is not supported yet: run that teacher locally "
-                         "(cross_tokenizer_loss, docs/CROSS_TOKENIZER.md), or write its cache with llmkd cache-teacher "
-                         "first.")
     if args.seq_kd:
         raise ValueError("seq_kd samples completions from the teacher, which a served teacher does not do in this "
                          "run: use lmbda (student samples, scored by the server) or the dataset's completions.")
@@ -50,16 +46,20 @@ class ServedTeacher(TeacherSignal):
 
     Args:
         server: the :class:`~llmkd.teacher_server.TeacherServer` (its tokenizer is checked against ``tokenizer``).
-        student / tokenizer: the student (its head must cover the vocabulary) and the run's tokenizer.
+        student / tokenizer: the student (its head must cover the vocabulary; None: not checked, for a teacher
+            with another tokenizer) and the tokenizer of the rows sent (the run's, or the teacher's own).
         top_k: log-probabilities per position (``0``: only the sampled token's, with ``sampled_token``).
         temperature: the run's; it must be 1 (a server applies no temperature to the tokens it scores).
         sampled_token: make every row's own next token one of the k (:meth:`RowScores.targets`), for the
             sampled-token objective of on-policy batches.
         max_pending: prefetched rows kept at most (the oldest are dropped first).
+        columns: the batch columns of the rows sent, ``(token ids, attention mask)`` (a teacher with another
+            tokenizer: its own tokens, :class:`~llmkd.teacher_signals.CrossTokenizerTeacher`).
     """
 
     def __init__(self, server, student, tokenizer, *, top_k: int, temperature: float = 1.0,
-                 sampled_token: bool = False, max_pending: int = 4096):
+                 sampled_token: bool = False, max_pending: int = 4096,
+                 columns: tuple[str, str] = ("input_ids", "attention_mask")):
         if temperature != 1.0:
             raise ValueError(f"temperature={temperature} with teacher_server: a server returns the log-probabilities "
                              "of the tokens it scores at temperature 1 (vLLM and SGLang apply no temperature to "
@@ -72,7 +72,7 @@ class ServedTeacher(TeacherSignal):
         server.check_tokenizer(tokenizer)
         self.server = server
         self.vocab_size = len(tokenizer)
-        if self.vocab_size > head_rows(student):
+        if student is not None and self.vocab_size > head_rows(student):
             raise ValueError(f"The tokenizer has {self.vocab_size} tokens but the student's head scores only "
                              f"{head_rows(student)}: the student does not fit this tokenizer.")
         self.top_k = min(int(top_k), self.vocab_size)
@@ -82,12 +82,14 @@ class ServedTeacher(TeacherSignal):
         self._pending: OrderedDict[bytes, list] = OrderedDict()
         self.rows_requested = 0
         self.rows_prefetched = 0
+        self.columns = columns
 
     def prepare_dataset(self, dataset, tokenizer, split: str):
         if dataset is not None and len(dataset):
             import pyarrow.compute as pc
 
-            self.server.check_lengths([pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py()])
+            column = dataset.data.column(self.columns[0])
+            self.server.check_lengths([pc.max(pc.list_value_length(column)).as_py()])
         return dataset
 
     # ------------------------------------------------------------------------------------------------ requests
@@ -97,7 +99,8 @@ class ServedTeacher(TeacherSignal):
 
     def prefetch(self, batch: dict) -> None:
         """Request the scores of ``batch``'s rows now (called by the collator; CPU tensors)."""
-        for key, ids in {ids.tobytes(): ids for ids in _rows(batch["input_ids"], batch.get("attention_mask"))}.items():
+        ids_column, mask_column = self.columns
+        for key, ids in {ids.tobytes(): ids for ids in _rows(batch[ids_column], batch.get(mask_column))}.items():
             if key in self._pending:  # the same row in a batch not trained on yet: one request, used twice
                 self._pending[key][1] += 1
             else:
@@ -126,7 +129,11 @@ class ServedTeacher(TeacherSignal):
 
     # ------------------------------------------------------------------------------------------------ targets
     def token_targets(self, model_inputs: dict, valid: torch.Tensor, *, dense: bool = False):
-        input_ids, mask = model_inputs["input_ids"], model_inputs.get("attention_mask")
+        return ready(self.sparse_targets(model_inputs["input_ids"], model_inputs.get("attention_mask"), valid))
+
+    def sparse_targets(self, input_ids: torch.Tensor, mask: torch.Tensor | None, valid: torch.Tensor):
+        """The :class:`~llmkd.losses.SparseTeacher` of rows ``input_ids`` ``(B, S)`` (padded on either side, as
+        ``mask`` says) at the positions ``valid`` ``(B, S-1)``, row-major: what the server gives for them."""
         rows = list(_rows(input_ids, mask))
         answers = self._answers(rows)
         mask = torch.ones_like(input_ids) if mask is None else mask
@@ -136,8 +143,7 @@ class ServedTeacher(TeacherSignal):
         parts = [answer.targets(unpadded[b][valid_cpu[b]], self.vocab_size, self.sampled_token)
                  for b, answer in enumerate(answers)]
         ids, log_probs, tail = (torch.from_numpy(np.concatenate([part[i] for part in parts])) for i in range(3))
-        return ready(SparseTeacher(ids, log_probs, tail, self.vocab_size, 1.0).to(valid.device))
-
+        return SparseTeacher(ids, log_probs, tail, self.vocab_size, 1.0).to(valid.device)
 
 def _rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     """Each row's real tokens ``(L_b,)`` int64 numpy, padding removed."""

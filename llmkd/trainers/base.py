@@ -190,9 +190,10 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
                 teacher_model, args, teacher_processing_class, self.task
             )
         if args.cross_tokenizer_loss is not None and not self.is_classification:
-            if self.teacher_cache is not None and teacher_processing_class is None:
-                teacher_processing_class = cached_teacher_tokenizer(args)
-            signal = self._cross_tokenizer_teacher(model, teacher_model, tokenizer, teacher_processing_class, args)
+            if (self.teacher_cache is not None or teacher_server is not None) and teacher_processing_class is None:
+                teacher_processing_class = offline_teacher_tokenizer(args)
+            signal = self._cross_tokenizer_teacher(model, teacher_model, tokenizer, teacher_processing_class, args,
+                                                   server=teacher_server)
         elif self.teacher_cache is not None:
             signal = CachedTeacher(self.teacher_cache, model, tokenizer)
         elif teacher_server is not None:
@@ -285,9 +286,10 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
     #: the cross-tokenizer losses this trainer's loss can become (docs/CROSS_TOKENIZER.md)
     cross_tokenizer_losses: tuple[str, ...] = ("uld", "hybrid", "span")
 
-    def _cross_tokenizer_teacher(self, student, teacher, tokenizer, teacher_tokenizer, args: DistillConfig):
-        """The :class:`~llmkd.teacher_signals.CrossTokenizerTeacher` of ``cross_tokenizer_loss``, after checking
-        this run can use it."""
+    def _cross_tokenizer_teacher(self, student, teacher, tokenizer, teacher_tokenizer, args: DistillConfig,
+                                 server=None):
+        """The :class:`~llmkd.teacher_signals.CrossTokenizerTeacher` of ``cross_tokenizer_loss`` (from the teacher
+        model, the run's teacher cache, or ``server``), after checking this run can use it."""
         name = type(self).__name__
         if args.cross_tokenizer_loss not in self.cross_tokenizer_losses:
             allowed = " or ".join(self.cross_tokenizer_losses) or "none"
@@ -307,7 +309,8 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
         return CrossTokenizerTeacher(teacher, student, tokenizer, teacher_tokenizer, loss=args.cross_tokenizer_loss,
                                      top_k=args.cross_tokenizer_top_k, temperature=args.temperature,
                                      shared_weight=args.hybrid_shared_weight, rest_weight=args.hybrid_rest_weight,
-                                     cache=self.teacher_cache, num_proc=args.dataset_num_proc)
+                                     cache=self.teacher_cache, num_proc=args.dataset_num_proc, server=server,
+                                     server_top_k=args.teacher_server_top_k)
 
     def _lora_config(self, args: DistillConfig):
         return lora_config_from_args(args, "SEQ_CLS" if self.is_classification else "CAUSAL_LM")
@@ -562,11 +565,13 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
         return loss.detach(), None, None
 
 
-def cached_teacher_tokenizer(args):
-    """The teacher's tokenizer of a cross-tokenizer run from a teacher cache (no teacher model is loaded)."""
+def offline_teacher_tokenizer(args):
+    """The teacher's tokenizer of a cross-tokenizer run from a teacher cache or a teacher server (no teacher model
+    is loaded)."""
     if not args.teacher_model_name_or_path:
-        raise ValueError("A cross-tokenizer run from teacher_cache needs the teacher's tokenizer: pass "
-                         "teacher_processing_class=, or set teacher_model_name_or_path (only its tokenizer is loaded).")
+        raise ValueError("A cross-tokenizer run from teacher_cache or teacher_server needs the teacher's tokenizer: "
+                         "pass teacher_processing_class=, or set teacher_model_name_or_path (only its tokenizer is "
+                         "loaded).")
     from ..loading import teacher_processing_class
 
     return tokenizer_of(teacher_processing_class(args))
