@@ -273,3 +273,44 @@ def test_a_killed_server_gives_a_clear_error_and_keeps_the_shards(server, local_
     local = write_teacher_cache(local_teacher, prepared, tokenizer, tmp_path / "local", batch_size=4, **settings)
     assert_same_cache(resumed, local, list(range(len(prepared))))
     shutil.rmtree(folder)
+
+
+def test_a_teacher_with_another_tokenizer_behind_the_server(tmp_path):
+    """vLLM serving a teacher with a SentencePiece-style tokenizer (cross_tokenizer_loss): the server's /tokenize
+    agrees with that tokenizer, and three SGD steps of the hybrid loss from the server equal three steps from the
+    local pass's cross-tokenizer cache at the same k (tests/test_cross_tokenizer_served.py runs the rest of this
+    against a protocol stand-in)."""
+    from test_cross_tokenizer import metaspace_tokenizer
+    from test_cross_tokenizer_cache import aligned_rows
+    from test_cross_tokenizer_trainer import ALPHABET
+
+    tokenizer, teacher_tokenizer = make_tokenizer(), metaspace_tokenizer(120, alphabet_from=ALPHABET)
+    folder = tmp_path / "cross-teacher"
+    teacher = tiny_llama(len(teacher_tokenizer), hidden=64, seed=2, num_attention_heads=2, num_key_value_heads=2)
+    teacher.save_pretrained(folder)
+    teacher_tokenizer.save_pretrained(folder)
+    rows = Dataset.from_list(prompt_completion_rows(12, seed=5))
+    write_teacher_cache(teacher.eval(), aligned_rows(rows, tokenizer, teacher_tokenizer), tokenizer,
+                        tmp_path / "cache", top_k=TOP_K, temperature=1.0, shard_rows=8, batch_size=4,
+                        logprob_bits=32, progress=False, teacher_tokenizer=teacher_tokenizer)
+    server = VLLMServer(folder, tmp_path / "server.log")
+    try:
+        TeacherServer(server.url).check_tokenizer(teacher_tokenizer)
+        runs = {}
+        for source, fields in (("served", {"teacher_server": server.url, "teacher_server_top_k": TOP_K}),
+                               ("cached", {"teacher_cache": str(tmp_path / "cache")})):
+            student = tiny_llama(len(tokenizer), hidden=32, seed=1)
+            args = DistillConfig(output_dir=str(tmp_path / source), max_steps=3, per_device_train_batch_size=4,
+                                 optim="sgd", learning_rate=0.5, report_to=[], save_strategy="no", logging_steps=1,
+                                 max_length=48, seed=0, use_cpu=True, disable_tqdm=True, cross_tokenizer_loss="hybrid",
+                                 **fields)
+            trainer = DistillTrainer(model=student, args=args, train_dataset=rows, processing_class=tokenizer,
+                                     teacher_processing_class=teacher_tokenizer)
+            trainer.train()
+            runs[source] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
+                            [p.detach().clone() for p in student.parameters()])
+    finally:
+        server.stop()
+    np.testing.assert_allclose(runs["served"][0], runs["cached"][0], rtol=0, atol=LOGPROB_BOUND)
+    for a, b in zip(runs["served"][1], runs["cached"][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=3 * 0.5 * LOGPROB_BOUND)
