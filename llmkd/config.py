@@ -230,7 +230,7 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
             (no teacher in the training process), and ``llmkd cache-teacher`` writes its cache from it.
         teacher_server_model: the served model name (None: the only one the server serves).
         teacher_server_api: ``vllm``, ``sglang`` or ``auto`` (the default: SGLang when the server answers
-            ``GET /get_model_info``, else vLLM); every served teacher of a run speaks it.
+            ``GET /get_model_info``, else vLLM); an entry of ``teachers`` may name its own.
         teacher_server_top_k: log-probabilities per position asked for in training (20, vLLM's default
             ``--max-logprobs``; 0: only the sampled tokens', for the sampled-token objective at ``lmbda: 1``); the
             cache writer asks for ``cache_top_k``. The API key, if the server needs one, is
@@ -240,9 +240,9 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
 
     Parameters of several teachers (docs/MULTI_TEACHER.md):
         teachers: a list of teachers, each ``{name, model_name_or_path | teacher_cache | teacher_server, weight}``
-            (``teacher_server_model`` too for a served one; an entry without a source takes the model given to the
-            trainer under its name, ``teacher_model={name: model}``). Replaces ``teacher_model_name_or_path`` /
-            ``teacher_cache`` / ``teacher_server``.
+            (``teacher_server_model`` and ``teacher_server_api`` too for a served one; an entry without a source
+            takes the model given to the trainer under its name, ``teacher_model={name: model}``). Replaces
+            ``teacher_model_name_or_path`` / ``teacher_cache`` / ``teacher_server``.
         teacher_routing_column: the dataset column naming each row's teacher (the domain-expert setting); None:
             every teacher on every token, their losses weighted by ``weight`` (normalised to sum 1).
 
@@ -415,7 +415,7 @@ class DistillConfig(OnPolicyFields, ModelSourceFields, TrainingArguments):
 
 #: the keys of one entry of ``teachers``, and the sources among them (at most one per entry)
 TEACHER_ENTRY_KEYS = ("name", "model_name_or_path", "teacher_cache", "teacher_server", "teacher_server_model",
-                      "weight")
+                      "teacher_server_api", "weight")
 TEACHER_SOURCES = ("model_name_or_path", "teacher_cache", "teacher_server")
 
 

@@ -141,7 +141,8 @@ def test_a_served_teacher_among_several(server, teacher, tmp_path):
     write_teacher_cache(teacher, prepared, tokenizer, tmp_path / "cache", top_k=TOP_K, temperature=1.0,
                         shard_rows=8, batch_size=4, logprob_bits=32, progress=False)
     math = {"name": "math", "model_name_or_path": str(math_dir)}
-    sources = {"served": {"teacher_server": server.url}, "cached": {"teacher_cache": str(tmp_path / "cache")}}
+    sources = {"served": {"teacher_server": server.url, "teacher_server_api": "sglang"},
+               "cached": {"teacher_cache": str(tmp_path / "cache")}}
     runs = {source: train(tmp_path / source, tokenizer, data, teachers=[math, {"name": "words", "weight": 2.0, **words}],
                           teacher_routing_column="domain", teacher_server_top_k=TOP_K)
             for source, words in sources.items()}
@@ -154,6 +155,7 @@ def test_a_served_teacher_among_several(server, teacher, tmp_path):
     assert [h["tokens/words"] for h in logs_served] == [h["tokens/words"] for h in logs_cached]
     assert sum(h["tokens/words"] for h in logs_served) > 0 and all("kd_loss/math" in h for h in logs_served)
     words = served.teacher_signal.teachers[1].signal
+    assert words.server.api == "sglang"
     assert 0 < words.rows_requested <= 6 and words.rows_prefetched == words.rows_requested  # 6 words rows of 16
 
 

@@ -113,11 +113,12 @@ class TeacherServer:
         self.api = api if api != "auto" else ("sglang" if self._answers("/get_model_info") else "vllm")
 
     @classmethod
-    def from_config(cls, args, url: str | None = None, model: str | None = None) -> "TeacherServer":
-        """The server a config names (``teacher_server*`` fields, or ``url`` / ``model`` of a ``teachers`` entry;
-        the API key from :data:`API_KEY_VARIABLE`)."""
+    def from_config(cls, args, url: str | None = None, model: str | None = None,
+                    api: str | None = None) -> "TeacherServer":
+        """The server a config names (``teacher_server*`` fields, or ``url`` / ``model`` / ``api`` of a
+        ``teachers`` entry; the API key from :data:`API_KEY_VARIABLE`)."""
         return cls(url or args.teacher_server, model=model if url else args.teacher_server_model,
-                   api=args.teacher_server_api, api_key=os.environ.get(API_KEY_VARIABLE),
+                   api=api or args.teacher_server_api, api_key=os.environ.get(API_KEY_VARIABLE),
                    timeout_s=args.teacher_server_timeout, max_retries=args.teacher_server_retries,
                    concurrency=args.teacher_server_concurrency)
 

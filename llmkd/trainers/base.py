@@ -257,7 +257,8 @@ class DistillTrainer(OnPolicyMixin, TrainingGuardsMixin, LlmkdTrainerMixin, Trai
                 from ..teacher_server import TeacherServer
 
                 server = TeacherServer.from_config(args, url=entry["teacher_server"],
-                                                   model=entry.get("teacher_server_model"))
+                                                   model=entry.get("teacher_server_model"),
+                                                   api=entry.get("teacher_server_api"))
                 signal = self._served_teacher(server, student, tokenizer, args)
             else:
                 raise ValueError(f"Teacher {name!r} has no source: give model_name_or_path, teacher_cache or "
