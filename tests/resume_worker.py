@@ -47,7 +47,10 @@ from llmkd.heads import unwrap_model
 
 MAX_STEPS, SAVE_STEPS, KILL_AT = 8, 4, 4
 RUNS = ("whole", "killed", "resumed")
-CASES = ("kd", "on_policy", "cross_tokenizer", "multi_teacher", "taid", "sinkd", "moe_mimic", "preference", "dho")
+CASES = ("kd", "on_policy", "cross_tokenizer", "multi_teacher", "served", "taid", "sinkd", "moe_mimic", "preference",
+         "dho")
+#: the URL of the teacher server of the "served" case (tests/sglang_standin.py, started by main() before the forks)
+SERVER_URL = None
 # 24 rows, 4 per step: checkpoint-4 falls inside the first epoch (the resumed run must skip 4 batches of a
 # shuffled epoch) and steps 7-8 are in the second epoch (a new shuffle).
 ROWS, BATCH = 24, 4
@@ -108,6 +111,13 @@ def build(case: str, output_dir: str):
                                teacher_routing_column="domain")
         teachers = {"a": teacher, "b": tiny_llama(len(tokenizer), 48, seed=4)}
         return DistillTrainer(args=config, **{**lm, "teacher_model": teachers, "train_dataset": data}), no_state
+    if case == "served":
+        # the teacher behind a server (SGLang's protocol, tests/sglang_standin.py, in the parent process), its
+        # answers prefetched a batch ahead; half the micro-batches sampled by the student and scored when drawn
+        config = DistillConfig(**{**args, "per_device_train_batch_size": 2}, gradient_accumulation_steps=2,
+                               learning_rate=1e-2, kd_ratio=0.5, loss_chunk_size=16, lmbda=0.5,
+                               max_completion_length=6, teacher_server=SERVER_URL, teacher_server_top_k=8)
+        return DistillTrainer(args=config, **{**lm, "teacher_model": None}), no_state
     if case == "taid":
         # 2 micro-batches per step: the schedule's step sums span them
         config = TAIDConfig(**{**args, "per_device_train_batch_size": 2}, gradient_accumulation_steps=2,
@@ -220,7 +230,14 @@ def forked(case: str, which: str, root: str) -> dict:
 
 
 def main(root: str, cases: list[str]) -> None:
+    global SERVER_URL
     torch.set_num_threads(1)
+    if "served" in cases:  # the teacher of build("served"), served from this process to the forked runs
+        from sglang_standin import SGLangStandIn
+        from utils import make_tokenizer, tiny_llama
+
+        tokenizer = make_tokenizer()
+        SERVER_URL = SGLangStandIn(tiny_llama(len(tokenizer), 48, seed=2), tokenizer).url
     status = {}
     for case in cases:
         status[case] = {}

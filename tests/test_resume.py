@@ -107,7 +107,7 @@ def test_a_killed_and_resumed_run_equals_the_uninterrupted_run(runs, case):
     checkpoint = killed / "out" / f"checkpoint-{KILL_AT}"
     # the resumed steps drew samples (student and teacher for on_policy, student for cross_tokenizer), redrawn as in
     # the whole run
-    if case in ("on_policy", "cross_tokenizer", "multi_teacher"):
+    if case in ("on_policy", "cross_tokenizer", "multi_teacher", "served"):
         fractions = [entry["on_policy_fraction"] for (step, kind), entry in whole_logs.items()
                      if kind == "train" and step > KILL_AT]
         assert any(f > 0 for f in fractions) and any(f < 1 for f in fractions), fractions
@@ -126,8 +126,8 @@ def test_a_killed_and_resumed_run_equals_the_uninterrupted_run(runs, case):
 def test_the_cases_cover_every_trainer():
     import llmkd.trainers as trainers
 
-    assert set(CASES) == {"kd", "on_policy", "cross_tokenizer", "multi_teacher", "taid", "sinkd", "moe_mimic",
-                          "preference", "dho"}
+    assert set(CASES) == {"kd", "on_policy", "cross_tokenizer", "multi_teacher", "served", "taid", "sinkd",
+                          "moe_mimic", "preference", "dho"}
     assert {"DistillTrainer", "TAIDTrainer", "SinKDTrainer", "MoEMimicTrainer", "PreferenceDistillTrainer",
             "DHOTrainer"} <= set(dir(trainers))
 
