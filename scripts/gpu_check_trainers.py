@@ -2,8 +2,9 @@
 
 For DistillTrainer (forward KL), TAIDTrainer, DistillTrainer from a top-64 teacher cache, DistillTrainer on a
 Gemma 2 pair (final-logit soft-capping at 30, the heads scaled so that the cap bends the logits; the head check
-``verify_logit_head`` on) and DistillTrainer with two teachers, the rows routed between them by a column (the
-grouped loss: one engine pass per teacher), in float32 and in bfloat16 (weights and the Trainer's ``bf16=True``):
+``verify_logit_head`` on), DistillTrainer with two teachers, the rows routed between them by a column (the
+grouped loss: one engine pass per teacher), and DistillTrainer with a teacher of another tokenizer (the student's
+words under shuffled ids; the hybrid loss on the aligned spans), in float32 and in bfloat16 (weights and the Trainer's ``bf16=True``):
 
 1. the trainer's own ``compute_loss`` on its first batch, with the chunked engine and with the dense path
    (``use_chunked_loss=False``: the models' own logits), loss and every parameter's gradient compared norm-wise;
@@ -30,11 +31,12 @@ import traceback
 import torch
 
 import gpu_check_common as common
-from bench_step import _common, _rows, _tokenizer
+from bench_step import _common, _rows, _teacher_tokenizer, _tokenizer
 from gpu_check_common import log
 
 TRAINER_CASES = ("DistillTrainer, forward KL", "TAIDTrainer", "DistillTrainer from a top-64 cache",
-                 "DistillTrainer, Gemma 2 soft-capped logits", "DistillTrainer, two routed teachers")
+                 "DistillTrainer, Gemma 2 soft-capped logits", "DistillTrainer, two routed teachers",
+                 "DistillTrainer, teacher with another tokenizer (hybrid)")
 TOLERANCES = {torch.float32: {"loss": 2.0**-16, "gradients": 2.0**-12},
               torch.bfloat16: {"loss": 2.0**-10, "gradients": 2.0**-4}}
 GEMMA_CAP = 30.0
@@ -92,6 +94,11 @@ def build_trainer(case: str, small: dict, dtype, device, output_dir: str):
                             teacher_name="gpu-check-small-teacher", progress=False)
         return DistillTrainer(model=student, args=DistillConfig(**settings, teacher_cache=cache_dir),
                               train_dataset=data, processing_class=tokenizer), teacher
+    if "another tokenizer" in case:  # the teacher's tokenizer: the student's words under shuffled ids
+        config = DistillConfig(**settings, cross_tokenizer_loss="hybrid")
+        return DistillTrainer(model=student, teacher_model=teacher, args=config, train_dataset=data,
+                              processing_class=tokenizer,
+                              teacher_processing_class=_teacher_tokenizer(small["tokenizer_size"])), teacher
     if "routed" in case:  # rows alternate between two teachers (the second of another seed, weight 2)
         other = common.build_causal_lm(small["teacher"], dtype, device, 3, small["seq"], "qwen2")
         data = Dataset.from_list([{"input_ids": row, "labels": row, "domain": ("a", "b")[i % 2]}
